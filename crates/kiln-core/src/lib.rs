@@ -14,6 +14,7 @@ pub mod rng;
 pub mod shape;
 pub mod storage;
 pub mod tensor;
+pub mod vmath;
 
 pub use autograd::{enable_grad, is_grad_enabled, no_grad, with_no_grad, CustomOp, GradFn};
 pub use device::Device;

@@ -1,6 +1,16 @@
 //! Differentiable ops, one family per file: forward kernel, backward rule and tests together.
 
 pub mod binary;
+pub mod compare;
+pub mod concat;
+pub mod dropout;
+pub mod index;
 pub mod kernels;
+pub mod matmul;
+pub mod pow;
 pub mod reduce;
+pub mod reduce_extrema;
+pub mod softmax;
+pub mod stats;
+pub mod unary;
 pub mod view;
