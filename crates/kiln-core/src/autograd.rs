@@ -10,6 +10,7 @@
 //! Users extend the graph with their own ops through [`CustomOp`] and [`Tensor::apply_op`].
 
 use crate::tensor::{Tensor, TensorId};
+use smallvec::SmallVec;
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -30,15 +31,33 @@ pub trait GradFn: Send + Sync {
     ) -> Vec<Option<Tensor>>;
 }
 
-/// A node of the graph: a backward rule and the inputs of the op that recorded it.
-pub struct Node {
-    grad_fn: Box<dyn GradFn>,
-    inputs: Vec<Tensor>,
+impl<G: GradFn + ?Sized> GradFn for Box<G> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn backward(
+        &self,
+        inputs: &[Tensor],
+        output: &Tensor,
+        grad_output: &Tensor,
+    ) -> Vec<Option<Tensor>> {
+        (**self).backward(inputs, output, grad_output)
+    }
+}
+
+/// A node of the graph: the inputs of the op that recorded it and its backward rule, in one
+/// allocation (the rule is stored inline, unsized behind the `Arc`).
+pub struct Node<G: ?Sized = dyn GradFn> {
+    inputs: SmallVec<[Tensor; 2]>,
+    grad_fn: G,
 }
 
 impl Node {
-    pub(crate) fn new(grad_fn: Box<dyn GradFn>, inputs: Vec<Tensor>) -> Self {
-        Node { grad_fn, inputs }
+    pub(crate) fn new_shared<G: GradFn + 'static>(grad_fn: G, inputs: &[&Tensor]) -> Arc<Node> {
+        Arc::new(Node {
+            inputs: inputs.iter().map(|&t| t.clone()).collect(),
+            grad_fn,
+        })
     }
 
     /// Name of the op that recorded this node.
@@ -50,9 +69,12 @@ impl Node {
 /// Drops a graph without recursion: a chain of a million ops would otherwise overflow the stack
 /// through nested `Drop` calls.
 pub(crate) fn drop_node_iteratively(node: Arc<Node>) {
-    let mut stack = vec![node];
-    while let Some(node) = stack.pop() {
-        if let Some(mut node) = Arc::into_inner(node) {
+    // The stack only allocates when a dropped node owns the last handle to another node.
+    let mut stack = Vec::new();
+    let mut next = Some(node);
+    while let Some(mut node) = next.take().or_else(|| stack.pop()) {
+        // Only the last handle empties the node; the Arc then drops shallowly.
+        if let Some(node) = Arc::get_mut(&mut node) {
             for input in node.inputs.drain(..) {
                 if let Some(mut inner) = Arc::into_inner(input.0) {
                     if let Some(child) = inner.node.take() {
@@ -313,5 +335,109 @@ impl Tensor {
         Tensor::from_op_parts(out.0.storage.clone(), layout, inputs, move || {
             Box::new(CustomGradFn(op))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::{gradcheck, randn_f64};
+
+    #[test]
+    fn records_only_when_an_input_requires_grad_and_grad_mode_is_on() {
+        let a = Tensor::ones([2]);
+        let w = Tensor::ones([2]).requires_grad();
+        assert!(a.add(&a).is_leaf());
+        assert_eq!(a.add(&w).grad_fn_name(), Some("add"));
+        {
+            let _g = no_grad();
+            assert!(a.add(&w).is_leaf());
+            let _inner = enable_grad();
+            assert!(!a.add(&w).is_leaf());
+        }
+        assert!(is_grad_enabled());
+        assert!(w.detach().mul(&a).is_leaf());
+    }
+
+    #[test]
+    fn shared_subexpressions_sum_their_gradients() {
+        let x = Tensor::from_slice(&[1.5f64, -2.0], [2]).requires_grad();
+        let y = x.mul(&x).add(&x); // dy/dx = 2x + 1
+        y.sum_all().backward();
+        assert_eq!(x.grad().unwrap().to_vec::<f64>(), vec![4.0, -3.0]);
+    }
+
+    #[test]
+    fn gradients_accumulate_across_backward_calls_until_zeroed() {
+        let x = Tensor::from_slice(&[2f32], [1]).requires_grad();
+        x.mul_scalar(3.0).sum_all().backward();
+        x.mul_scalar(3.0).sum_all().backward();
+        assert_eq!(x.grad().unwrap().to_vec::<f32>(), vec![6.0]);
+        x.zero_grad();
+        assert!(x.grad().is_none());
+        // Frozen leaves get nothing.
+        let frozen = Tensor::ones([1]).requires_grad();
+        frozen.set_requires_grad(false);
+        x.mul(&frozen).sum_all().backward();
+        assert!(frozen.grad().is_none());
+        assert_eq!(x.grad().unwrap().to_vec::<f32>(), vec![1.0]);
+    }
+
+    #[test]
+    fn a_chain_of_a_million_ops_neither_overflows_backward_nor_drop() {
+        // Run on a thread with a small stack: recursion anywhere would overflow it.
+        std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(|| {
+                let x = Tensor::from_slice(&[1f64], [1]).requires_grad();
+                let mut y = x.clone();
+                for _ in 0..1_000_000 {
+                    y = y.mul_scalar(1.000_001);
+                }
+                y.backward_with_grad(&Tensor::from_slice(&[1f64], [1]));
+                let g = x.grad().unwrap().item();
+                let want = 1.000_001f64.powi(1_000_000);
+                assert!((g - want).abs() < 1e-9 * want, "{g} vs {want}");
+                drop(y);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    #[should_panic(expected = "backward: tensor of shape [1] does not require grad")]
+    fn backward_without_grad_panics() {
+        Tensor::ones([1]).backward();
+    }
+
+    /// A user-defined op: `x³` with its own backward.
+    struct Cube;
+
+    impl CustomOp for Cube {
+        fn name(&self) -> &'static str {
+            "cube"
+        }
+        fn forward(&self, inputs: &[Tensor]) -> Tensor {
+            inputs[0].mul(&inputs[0]).mul(&inputs[0])
+        }
+        fn backward(&self, inputs: &[Tensor], _output: &Tensor, g: &Tensor) -> Vec<Option<Tensor>> {
+            let x = &inputs[0];
+            vec![Some(g.mul(&x.mul(x)).mul_scalar(3.0))]
+        }
+    }
+
+    #[test]
+    fn custom_ops_join_the_graph_like_built_ins() {
+        let x = Tensor::from_slice(&[2f64, -1.0], [2]).requires_grad();
+        let y = Tensor::apply_op(Cube, &[&x]);
+        assert_eq!(y.grad_fn_name(), Some("cube"));
+        assert_eq!(y.to_vec::<f64>(), vec![8.0, -1.0]);
+        y.add_scalar(1.0).sum_all().backward();
+        assert_eq!(x.grad().unwrap().to_vec::<f64>(), vec![12.0, 3.0]);
+        let x = randn_f64(&[3, 2], 9).requires_grad();
+        gradcheck(|x| Tensor::apply_op(Cube, &[&x[0].t()]), &[x]).unwrap();
+        // Without an input that requires grad, nothing is recorded.
+        assert!(Tensor::apply_op(Cube, &[&Tensor::ones([2])]).is_leaf());
     }
 }

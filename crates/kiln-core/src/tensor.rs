@@ -441,11 +441,11 @@ impl Tensor {
     /// The result of an op: a contiguous tensor over `storage` with `shape`, recording a graph
     /// node with the backward built by `grad_fn` when any input tracks gradients and grad mode
     /// is on. This is how every differentiable op (built-in or custom) joins the graph.
-    pub fn op_result(
+    pub fn op_result<G: GradFn + 'static>(
         storage: Storage,
         shape: Shape,
         inputs: &[&Tensor],
-        grad_fn: impl FnOnce() -> Box<dyn GradFn>,
+        grad_fn: impl FnOnce() -> G,
     ) -> Tensor {
         Self::from_op_parts(
             Arc::new(RwLock::new(storage)),
@@ -456,24 +456,39 @@ impl Tensor {
     }
 
     /// Like [`Tensor::op_result`] for a view: the result shares `storage` through `layout`.
-    pub fn view_result(&self, layout: Layout, grad_fn: impl FnOnce() -> Box<dyn GradFn>) -> Tensor {
-        Self::from_op_parts(self.0.storage.clone(), layout, &[self], grad_fn)
+    pub fn view_result<G: GradFn + 'static>(
+        &self,
+        layout: Layout,
+        grad_fn: impl FnOnce() -> G,
+    ) -> Tensor {
+        Self::from_op_parts_typed(
+            self.0.storage.clone(),
+            self.dtype(),
+            layout,
+            &[self],
+            grad_fn,
+        )
     }
 
-    pub(crate) fn from_op_parts(
+    pub(crate) fn from_op_parts<G: GradFn + 'static>(
         storage: Arc<RwLock<Storage>>,
         layout: Layout,
         inputs: &[&Tensor],
-        grad_fn: impl FnOnce() -> Box<dyn GradFn>,
+        grad_fn: impl FnOnce() -> G,
     ) -> Tensor {
         let dtype = storage.read().unwrap().dtype();
+        Self::from_op_parts_typed(storage, dtype, layout, inputs, grad_fn)
+    }
+
+    fn from_op_parts_typed<G: GradFn + 'static>(
+        storage: Arc<RwLock<Storage>>,
+        dtype: DType,
+        layout: Layout,
+        inputs: &[&Tensor],
+        grad_fn: impl FnOnce() -> G,
+    ) -> Tensor {
         let record = autograd::is_grad_enabled() && inputs.iter().any(|t| t.tracks_grad());
-        let node = record.then(|| {
-            Arc::new(Node::new(
-                grad_fn(),
-                inputs.iter().map(|&t| t.clone()).collect(),
-            ))
-        });
+        let node = record.then(|| Node::new_shared(grad_fn(), inputs));
         Tensor(Arc::new(TensorImpl {
             id: TensorId::next(),
             storage,

@@ -37,7 +37,7 @@ fn arith(a: &Tensor, b: &Tensor, op: Arith) -> Tensor {
         };
         (<T as crate::Element>::into_storage(buf), shape)
     });
-    Tensor::op_result(storage, shape, &[a, b], || Box::new(ArithBackward(op)))
+    Tensor::op_result(storage, shape, &[a, b], || ArithBackward(op))
 }
 
 struct ArithBackward(Arith);
@@ -97,8 +97,10 @@ fn scalar_op(t: &Tensor, s: f64, op: ScalarOp, name: &'static str) -> Tensor {
         };
         <T as crate::Element>::into_storage(buf)
     });
-    Tensor::op_result(storage, t.shape().clone(), &[t], || {
-        Box::new(ScalarBackward { op, s, name })
+    Tensor::op_result(storage, t.shape().clone(), &[t], || ScalarBackward {
+        op,
+        s,
+        name,
     })
 }
 

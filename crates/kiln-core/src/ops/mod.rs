@@ -5,6 +5,7 @@ pub mod compare;
 pub mod concat;
 pub mod dropout;
 pub mod index;
+pub mod inplace;
 pub mod kernels;
 pub mod matmul;
 pub mod pow;

@@ -179,9 +179,7 @@ fn sum_impl(t: &Tensor, dims: &[usize], keepdim: bool) -> Tensor {
     });
     let out_shape = plan_shape.out_shape(keepdim);
     let keep_shape = plan_shape.keepdim_shape.clone();
-    Tensor::op_result(storage, out_shape, &[t], move || {
-        Box::new(SumBackward { keep_shape })
-    })
+    Tensor::op_result(storage, out_shape, &[t], move || SumBackward { keep_shape })
 }
 
 struct SumBackward {

@@ -124,7 +124,7 @@ impl Tensor {
             return self.clone();
         }
         match self.layout().reshape(&shape) {
-            Some(layout) => self.view_result(layout, || Box::new(ReshapeBackward)),
+            Some(layout) => self.view_result(layout, || ReshapeBackward),
             None => self.contiguous().reshape(shape),
         }
     }
@@ -133,7 +133,7 @@ impl Tensor {
     pub fn permute(&self, perm: &[usize]) -> Tensor {
         let layout = self.layout().permute(perm);
         let perm = DimVec::from_slice(perm);
-        self.view_result(layout, move || Box::new(PermuteBackward(perm)))
+        self.view_result(layout, move || PermuteBackward(perm))
     }
 
     /// Dims `a` and `b` swapped (a view).
@@ -162,7 +162,7 @@ impl Tensor {
             return self.clone();
         }
         let layout = self.layout().narrow(dim, start, len);
-        self.view_result(layout, move || Box::new(NarrowBackward { dim, start }))
+        self.view_result(layout, move || NarrowBackward { dim, start })
     }
 
     /// This tensor broadcast to `shape` (NumPy rules; a view with stride 0 along new dims).
@@ -172,7 +172,7 @@ impl Tensor {
             return self.clone();
         }
         let layout = self.layout().broadcast_as(&shape, "broadcast_as");
-        self.view_result(layout, || Box::new(ExpandBackward))
+        self.view_result(layout, || ExpandBackward)
     }
 
     /// Alias of [`Tensor::broadcast_as`] (PyTorch's name).
@@ -184,14 +184,14 @@ impl Tensor {
     pub fn unsqueeze(&self, dim: impl Dim) -> Tensor {
         let dim = dim.resolve(self.rank() + 1, "unsqueeze");
         let layout = self.layout().unsqueeze(dim);
-        self.view_result(layout, || Box::new(ReshapeBackward))
+        self.view_result(layout, || ReshapeBackward)
     }
 
     /// The size-1 dim `dim` removed (a view); panics if it is not size 1.
     pub fn squeeze(&self, dim: impl Dim) -> Tensor {
         let dim = dim.resolve(self.rank(), "squeeze");
         let layout = self.layout().squeeze(dim);
-        self.view_result(layout, || Box::new(ReshapeBackward))
+        self.view_result(layout, || ReshapeBackward)
     }
 
     /// Every size-1 dim removed.
