@@ -1,11 +1,12 @@
-//! Vectorised transcendental functions over f32 slices (exp, ln, tanh, sigmoid, erf, GELU,
-//! SiLU, softplus and the derivatives the backward rules need), chosen at run time among an
-//! AVX-512F path, an AVX2+FMA path and a portable scalar path.
+//! Vectorised transcendental functions over f32 slices (exp, ln, sin, cos, tanh, sigmoid, erf,
+//! GELU, SiLU, softplus and the derivatives the backward rules need), chosen at run time among
+//! an AVX-512F path, an AVX2+FMA path and a portable scalar path.
 //!
 //! Every function is written once, generically over a small [`Simd`] trait (16 lanes of
 //! `__m512`, 8 lanes of `__m256`, or one plain `f32`), so the three paths run the same
 //! algorithm: Cody–Waite range reduction and Cephes / minimax polynomials, branch-free (both
-//! sides of a piecewise definition are computed and blended), with no libm calls. The widest
+//! sides of a piecewise definition are computed and blended), with no libm calls (except for
+//! sin/cos of |x| > 65536, recomputed in f64 outside the vector loop). The widest
 //! path the CPU supports is detected once and cached; `KILN_VMATH_ISA=scalar|avx2|avx512`
 //! forces a narrower one (for benchmarking), and a request the CPU cannot run is ignored.
 //!
@@ -252,7 +253,13 @@ trait Simd: Copy {
     fn frexp(self) -> (Self, Self);
     /// `self * self - s` exactly, for `s = self * self` rounded.
     fn sq_err(self, s: Self) -> Self;
+    /// `self − j·π/2` for integral `j` with |j| < 2^16, with a relative error of a few ulp
+    /// even when the result is tiny (extra-precise Cody–Waite reduction).
+    fn reduce_pio2(self, j: Self) -> Self;
 }
+
+/// π/2 as a sum of three f32 values (for fused reductions; residual 1e-23).
+const PIO2_F32: [f32; 3] = [1.570_796_4, -4.371_139e-8, -1.715_124_5e-15];
 
 impl Simd for f32 {
     type Mask = bool;
@@ -371,6 +378,14 @@ impl Simd for f32 {
         // Exact in f64: a 24-bit by 24-bit product fits in 53 bits.
         let x = self as f64;
         (x * x - s as f64) as f32
+    }
+    #[inline(always)]
+    fn reduce_pio2(self, j: Self) -> Self {
+        // fdlibm's medium-range split in f64: `j·PIO2_1` is exact (33-bit constant).
+        const PIO2_1: f64 = 1.570_796_326_734_125_6;
+        const PIO2_1T: f64 = 6.077_100_506_506_192e-11;
+        let j = j as f64;
+        ((self as f64 - j * PIO2_1) - j * PIO2_1T) as f32
     }
 }
 
@@ -513,6 +528,16 @@ mod x86 {
         #[inline(always)]
         fn sq_err(self, s: Self) -> Self {
             V8(unsafe { _mm256_fmsub_ps(self.0, self.0, s.0) })
+        }
+        #[inline(always)]
+        fn reduce_pio2(self, j: Self) -> Self {
+            unsafe {
+                let mut r = self.0;
+                for p in super::PIO2_F32 {
+                    r = _mm256_fnmadd_ps(j.0, _mm256_set1_ps(p), r);
+                }
+                V8(r)
+            }
         }
     }
 
@@ -670,6 +695,16 @@ mod x86 {
             #[inline(always)]
             fn sq_err(self, s: Self) -> Self {
                 V16(unsafe { _mm512_fmsub_ps(self.0, self.0, s.0) })
+            }
+            #[inline(always)]
+            fn reduce_pio2(self, j: Self) -> Self {
+                unsafe {
+                    let mut r = self.0;
+                    for p in super::super::PIO2_F32 {
+                        r = _mm512_fnmadd_ps(j.0, _mm512_set1_ps(p), r);
+                    }
+                    V16(r)
+                }
             }
         }
     }
@@ -946,6 +981,114 @@ fn softplus_v<S: Simd>(x: S) -> S {
     let l = S::select(d.eq(S::splat(0.0)), e, l);
     let r = S::splat(0.0).max(x).add(l);
     S::select(x.gt(S::splat(20.0)), x, r)
+}
+
+/// Cephes `sinf` / `cosf` polynomials on [-π/4, π/4]: `sin r ≈ r + r³·S(r²)`,
+/// `cos r ≈ 1 − r²/2 + r⁴·C(r²)`.
+const SIN_P: [f32; 3] = [-0.000_195_152_96, 0.008_332_161, -0.166_666_55];
+const COS_P: [f32; 3] = [2.443_315_7e-5, -0.001_388_731_6, 0.041_666_646];
+
+/// Largest |x| the vector sin/cos reduce themselves; beyond it (and for ±inf) the slice
+/// functions recompute those elements with f64 std math.
+const TRIG_LIMIT: f32 = 65_536.0;
+
+/// `(sin r, cos r, q)` with `x = j·π/2 + r`, |r| ≤ π/4, `q = j mod 4` (as 0..=3).
+#[inline(always)]
+fn sincos_parts<S: Simd>(x: S) -> (S, S, S) {
+    let j = x
+        .fma(S::splat(std::f32::consts::FRAC_2_PI), S::splat(ROUND_MAGIC))
+        .sub(S::splat(ROUND_MAGIC));
+    let r = x.reduce_pio2(j);
+    // floor(j/4) = round(j/4 − 3/8) exactly, as j/4 has a fraction in {0, ¼, ½, ¾}.
+    let fl = j
+        .fma(S::splat(0.25), S::splat(-0.375))
+        .add(S::splat(ROUND_MAGIC))
+        .sub(S::splat(ROUND_MAGIC));
+    let q = fl.fma(S::splat(-4.0), j);
+    let z = r.mul(r);
+    let sin = poly(z, &SIN_P).mul(z).fma(r, r);
+    let cos = poly(z, &COS_P)
+        .mul(z.mul(z))
+        .add(z.fma(S::splat(-0.5), one()));
+    (sin, cos, q)
+}
+
+#[inline(always)]
+fn sin_v<S: Simd>(x: S) -> S {
+    let (sin, cos, q) = sincos_parts(x);
+    let odd = S::mask_or(q.eq(one()), q.eq(S::splat(3.0)));
+    let v = S::select(odd, cos, sin);
+    S::select(q.ge(S::splat(2.0)), v.neg(), v)
+}
+
+#[inline(always)]
+fn cos_v<S: Simd>(x: S) -> S {
+    // cos x = sin(x + π/2): quadrant q + 1.
+    let (sin, cos, q) = sincos_parts(x);
+    let even = S::mask_or(q.eq(S::splat(0.0)), q.eq(S::splat(2.0)));
+    let v = S::select(even, cos, sin);
+    let neg = S::mask_or(q.eq(one()), q.eq(S::splat(2.0)));
+    S::select(neg, v.neg(), v)
+}
+
+struct SinK;
+impl Kernel for SinK {
+    #[inline(always)]
+    fn eval<S: Simd>(x: S) -> S {
+        sin_v(x)
+    }
+}
+
+struct CosK;
+impl Kernel for CosK {
+    #[inline(always)]
+    fn eval<S: Simd>(x: S) -> S {
+        cos_v(x)
+    }
+}
+
+/// Runs a trig kernel block by block, then recomputes the rare elements beyond
+/// [`TRIG_LIMIT`] (where f32 arguments are integers spaced ≥ 1/128 apart) with `big`.
+fn run_trig<K: Kernel>(isa: Isa, name: &str, src: &[f32], dst: &mut [f32], big: fn(f64) -> f64) {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "vmath::{name}: src has {} elements, dst has {}",
+        src.len(),
+        dst.len()
+    );
+    const BLOCK: usize = 4096;
+    let limit = TRIG_LIMIT.to_bits();
+    for (s, d) in src.chunks(BLOCK).zip(dst.chunks_mut(BLOCK)) {
+        run::<K>(isa, name, s, d);
+        // An integer max (vectorises) over |bits|: NaN and inf also exceed the limit.
+        let widest = s
+            .iter()
+            .map(|x| x.to_bits() & 0x7fff_ffff)
+            .max()
+            .unwrap_or(0);
+        if widest > limit {
+            for (x, y) in s.iter().zip(d.iter_mut()) {
+                if x.to_bits() & 0x7fff_ffff > limit {
+                    *y = big(*x as f64) as f32;
+                }
+            }
+        }
+    }
+}
+
+/// `dst[i] = sin(src[i])`.
+///
+/// Panics if the slices differ in length.
+pub fn sin(src: &[f32], dst: &mut [f32]) {
+    run_trig::<SinK>(isa(), "sin", src, dst, f64::sin)
+}
+
+/// `dst[i] = cos(src[i])`.
+///
+/// Panics if the slices differ in length.
+pub fn cos(src: &[f32], dst: &mut [f32]) {
+    run_trig::<CosK>(isa(), "cos", src, dst, f64::cos)
 }
 
 // ---------------------------------------------------------------------------- f64 scalar helpers
@@ -1272,6 +1415,20 @@ mod tests {
                 abs: 2e-7,
             },
             Case {
+                name: "sin",
+                run: |i, s, d| run_trig::<SinK>(i, "sin", s, d, f64::sin),
+                reference: f64::sin,
+                rel: 1e-6,
+                abs: SUB,
+            },
+            Case {
+                name: "cos",
+                run: |i, s, d| run_trig::<CosK>(i, "cos", s, d, f64::cos),
+                reference: f64::cos,
+                rel: 1e-6,
+                abs: SUB,
+            },
+            Case {
                 name: "softplus",
                 run: |i, s, d| run::<SoftplusK>(i, "softplus", s, d),
                 reference: |x| {
@@ -1315,6 +1472,8 @@ mod tests {
             89.0,
             87.336_55,
             103.278_93,
+            65_536.0,
+            std::f32::consts::FRAC_PI_4,
             103.972_08,
             104.0,
             200.0,
@@ -1331,6 +1490,15 @@ mod tests {
                 v.extend([x, -x, y, -y]);
                 x = f32::from_bits(x.to_bits() + 1);
                 y = f32::from_bits(y.to_bits() - 1);
+            }
+        }
+        // The f32 values nearest to k·π/2 (where sin or cos is tiny) up to and past the
+        // trig reduction limit, with their neighbours.
+        for k in (1..45_000).step_by(7).chain(1..200) {
+            let x = (k as f64 * std::f64::consts::FRAC_PI_2) as f32;
+            for b in [x.to_bits() - 1, x.to_bits(), x.to_bits() + 1] {
+                let x = f32::from_bits(b);
+                v.extend([x, -x]);
             }
         }
         v.extend([
@@ -1470,15 +1638,17 @@ mod tests {
 
     #[test]
     fn public_functions_use_the_chosen_path() {
-        let xs: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.01).collect();
+        let mut xs: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.01).collect();
+        xs.extend([1e6, -3e9, f32::INFINITY]); // the trig fallback
         let mut a = vec![0f32; xs.len()];
         let mut b = vec![0f32; xs.len()];
         type PublicFn = fn(&[f32], &mut [f32]);
-        let fns: [(PublicFn, PathFn); 4] = [
+        let fns: [(PublicFn, PathFn); 5] = [
             (exp, |i, s, d| run::<ExpK>(i, "exp", s, d)),
             (ln, |i, s, d| run::<LnK>(i, "ln", s, d)),
             (gelu_erf, |i, s, d| run::<GeluErfK>(i, "gelu_erf", s, d)),
             (softplus, |i, s, d| run::<SoftplusK>(i, "softplus", s, d)),
+            (sin, |i, s, d| run_trig::<SinK>(i, "sin", s, d, f64::sin)),
         ];
         for (public, path) in fns {
             public(&xs, &mut a);

@@ -1,10 +1,10 @@
 //! Differentiable elementwise unary ops: abs, exp, log, sqrt, rsqrt, sin, cos, tanh, sigmoid,
 //! relu, gelu (erf and tanh forms), silu, softplus, square, recip, clamp and powf.
 //!
-//! f32 transcendental ops run the vectorised slice kernels of [`crate::vmath`] over contiguous
-//! data (non-contiguous inputs are made contiguous first), split across threads above
-//! `PARALLEL_THRESHOLD`; the other f32 ops and all f64 ops map scalar std math over the input in
-//! any layout. Backward rules that can be written in terms of the output (exp, tanh, sigmoid,
+//! f32 transcendental ops (exp, log, sin, cos, tanh, sigmoid, the GELUs, silu, softplus) run
+//! the vectorised slice kernels of [`crate::vmath`] over contiguous data (non-contiguous inputs
+//! are made contiguous first), split across threads above `PARALLEL_THRESHOLD`; the other f32
+//! ops and all f64 ops map scalar std math over the input in any layout. Backward rules that can be written in terms of the output (exp, tanh, sigmoid,
 //! sqrt, rsqrt, recip, relu) read the saved output instead of recomputing; each backward is one
 //! fused elementwise pass. Derivatives at kinks follow PyTorch: `relu'(0) = 0`, `abs'(0) = 0`,
 //! clamp passes the gradient where `min <= x <= max`.
@@ -88,6 +88,8 @@ fn forward_f32(t: &Tensor, op: Op) -> Buffer<f32> {
     match op {
         Op::Exp => slices(vmath::exp),
         Op::Log => slices(vmath::ln),
+        Op::Sin => slices(vmath::sin),
+        Op::Cos => slices(vmath::cos),
         Op::Tanh => slices(vmath::tanh),
         Op::Sigmoid => slices(vmath::sigmoid),
         Op::Gelu => slices(vmath::gelu_erf),
@@ -266,11 +268,13 @@ impl GradFn for UnaryBackward {
         let name = op.name();
         let grad = match x.dtype() {
             DType::F32 => match op {
-                Op::Gelu => grad_by_slices(g, x, name, vmath::gelu_erf_grad),
-                Op::GeluTanh => grad_by_slices(g, x, name, vmath::gelu_tanh_grad),
-                Op::Silu => grad_by_slices(g, x, name, vmath::silu_grad),
+                Op::Sin => grad_by_slices(g, x, name, vmath::cos, 1.0),
+                Op::Cos => grad_by_slices(g, x, name, vmath::sin, -1.0),
+                Op::Gelu => grad_by_slices(g, x, name, vmath::gelu_erf_grad, 1.0),
+                Op::GeluTanh => grad_by_slices(g, x, name, vmath::gelu_tanh_grad, 1.0),
+                Op::Silu => grad_by_slices(g, x, name, vmath::silu_grad, 1.0),
                 // sigmoid(x) rounds to exactly 1 in f32 above the threshold (x > 17.4).
-                Op::Softplus => grad_by_slices(g, x, name, vmath::sigmoid),
+                Op::Softplus => grad_by_slices(g, x, name, vmath::sigmoid, 1.0),
                 _ => grad_generic::<f32>(op, x, output, g),
             },
             DType::F64 => match op {
@@ -296,8 +300,14 @@ fn zip<T: Float>(g: &Tensor, a: &Tensor, name: &str, f: impl Fn(T, T) -> T + Syn
 /// multiplied by the gradient.
 const GRAD_BLOCK: usize = 2048;
 
-/// `g · deriv(x)` for f32, with `deriv` a vectorised slice kernel, in one blocked pass.
-fn grad_by_slices(g: &Tensor, x: &Tensor, name: &str, deriv: fn(&[f32], &mut [f32])) -> Tensor {
+/// `scale · g · deriv(x)` for f32, with `deriv` a vectorised slice kernel, in one blocked pass.
+fn grad_by_slices(
+    g: &Tensor,
+    x: &Tensor,
+    name: &str,
+    deriv: fn(&[f32], &mut [f32]),
+    scale: f32,
+) -> Tensor {
     let (x, g) = (x.contiguous(), g.contiguous());
     let (xs, gs) = (x.storage(), g.storage());
     let xv = &crate::typed_slice!(xs, f32, name)[x.layout().contiguous_range().unwrap()];
@@ -309,7 +319,7 @@ fn grad_by_slices(g: &Tensor, x: &Tensor, name: &str, deriv: fn(&[f32], &mut [f3
             let e = s + block.len();
             deriv(&xv[s..e], block);
             for (o, &gi) in block.iter_mut().zip(&gv[s..e]) {
-                *o *= gi;
+                *o *= gi * scale;
             }
         }
     });
