@@ -258,9 +258,6 @@ trait Simd: Copy {
     fn reduce_pio2(self, j: Self) -> Self;
 }
 
-/// π/2 as a sum of three f32 values (for fused reductions; residual 1e-23).
-const PIO2_F32: [f32; 3] = [1.570_796_4, -4.371_139e-8, -1.715_124_5e-15];
-
 impl Simd for f32 {
     type Mask = bool;
     const LANES: usize = 1;
@@ -393,6 +390,9 @@ impl Simd for f32 {
 mod x86 {
     use super::{drive, Kernel, Simd};
     use std::arch::x86_64::*;
+
+    /// π/2 as a sum of three f32 values, for fused reductions (residual 1e-23).
+    const PIO2_F32: [f32; 3] = [1.570_796_4, -4.371_139e-8, -1.715_124_5e-15];
 
     /// Runs `K` with 8-lane AVX2+FMA vectors.
     ///
@@ -533,7 +533,7 @@ mod x86 {
         fn reduce_pio2(self, j: Self) -> Self {
             unsafe {
                 let mut r = self.0;
-                for p in super::PIO2_F32 {
+                for p in PIO2_F32 {
                     r = _mm256_fnmadd_ps(j.0, _mm256_set1_ps(p), r);
                 }
                 V8(r)
@@ -700,7 +700,7 @@ mod x86 {
             fn reduce_pio2(self, j: Self) -> Self {
                 unsafe {
                     let mut r = self.0;
-                    for p in super::super::PIO2_F32 {
+                    for p in super::PIO2_F32 {
                         r = _mm512_fnmadd_ps(j.0, _mm512_set1_ps(p), r);
                     }
                     V16(r)
