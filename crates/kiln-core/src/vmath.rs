@@ -2,7 +2,7 @@
 //! GELU, SiLU, softplus and the derivatives the backward rules need), chosen at run time among
 //! an AVX-512F path, an AVX2+FMA path and a portable scalar path.
 //!
-//! Every function is written once, generically over a small [`Simd`] trait (16 lanes of
+//! Every function is written once, generically over a small `Simd` trait (16 lanes of
 //! `__m512`, 8 lanes of `__m256`, or one plain `f32`), so the three paths run the same
 //! algorithm: Cody–Waite range reduction and Cephes / minimax polynomials, branch-free (both
 //! sides of a piecewise definition are computed and blended), with no libm calls (except for
@@ -11,8 +11,9 @@
 //! forces a narrower one (for benchmarking), and a request the CPU cannot run is ignored.
 //!
 //! Accuracy, measured against f64 reference math over dense sweeps of the f32 line (see the
-//! tests): relative error within a few ulp (≤ 1e-6) for results in the normal range, absolute
-//! error ≤ 2e-7 where a function or its derivative crosses zero away from the origin. IEEE
+//! tests, which allow 5e-7 relative / 1.5e-7 absolute): max relative error 2.2e-7 (a few ulp)
+//! for results in the normal range, and for the GELU/SiLU family an absolute error below 7e-8
+//! where the function or its derivative is small (|result| < 0.3, e.g. near a zero crossing). IEEE
 //! special values follow the limits: `exp(-inf) = 0`, `ln(0) = -inf`, `ln(x < 0) = NaN`,
 //! `gelu(-inf) = silu(-inf) = -0`, NaN in, NaN out.
 //!
@@ -1303,35 +1304,35 @@ mod tests {
                 name: "exp",
                 run: |i, s, d| run::<ExpK>(i, "exp", s, d),
                 reference: f64::exp,
-                rel: 1e-6,
+                rel: 5e-7,
                 abs: SUB,
             },
             Case {
                 name: "ln",
                 run: |i, s, d| run::<LnK>(i, "ln", s, d),
                 reference: f64::ln,
-                rel: 1e-6,
+                rel: 5e-7,
                 abs: SUB,
             },
             Case {
                 name: "tanh",
                 run: |i, s, d| run::<TanhK>(i, "tanh", s, d),
                 reference: f64::tanh,
-                rel: 1e-6,
+                rel: 5e-7,
                 abs: SUB,
             },
             Case {
                 name: "sigmoid",
                 run: |i, s, d| run::<SigmoidK>(i, "sigmoid", s, d),
                 reference: sigmoid64,
-                rel: 1e-6,
+                rel: 5e-7,
                 abs: SUB,
             },
             Case {
                 name: "erf",
                 run: |i, s, d| run::<ErfK>(i, "erf", s, d),
                 reference: erf_f64,
-                rel: 1e-6,
+                rel: 5e-7,
                 abs: SUB,
             },
             Case {
@@ -1344,8 +1345,8 @@ mod tests {
                         x * phi_cdf(x)
                     }
                 },
-                rel: 1e-6,
-                abs: 2e-7,
+                rel: 5e-7,
+                abs: 1.5e-7,
             },
             Case {
                 name: "gelu_erf_grad",
@@ -1356,8 +1357,8 @@ mod tests {
                     }
                     phi_cdf(x) + x * (-0.5 * x * x).exp() / (2.0 * PI).sqrt()
                 },
-                rel: 1e-6,
-                abs: 2e-7,
+                rel: 5e-7,
+                abs: 1.5e-7,
             },
             Case {
                 name: "gelu_tanh",
@@ -1370,8 +1371,8 @@ mod tests {
                         x * sigmoid64(gelu_u2(x))
                     }
                 },
-                rel: 1e-6,
-                abs: 2e-7,
+                rel: 5e-7,
+                abs: 1.5e-7,
             },
             Case {
                 name: "gelu_tanh_grad",
@@ -1385,8 +1386,8 @@ mod tests {
                     let du = 2.0 * (2.0 / PI).sqrt() * (1.0 + 3.0 * 0.044715 * x * x);
                     s + x * s * c * du
                 },
-                rel: 1e-6,
-                abs: 2e-7,
+                rel: 5e-7,
+                abs: 1.5e-7,
             },
             Case {
                 name: "silu",
@@ -1398,8 +1399,8 @@ mod tests {
                         x * sigmoid64(x)
                     }
                 },
-                rel: 1e-6,
-                abs: 2e-7,
+                rel: 5e-7,
+                abs: 1.5e-7,
             },
             Case {
                 name: "silu_grad",
@@ -1411,21 +1412,21 @@ mod tests {
                     let (s, c) = (sigmoid64(x), sigmoid64(-x));
                     s * (1.0 + x * c)
                 },
-                rel: 1e-6,
-                abs: 2e-7,
+                rel: 5e-7,
+                abs: 1.5e-7,
             },
             Case {
                 name: "sin",
                 run: |i, s, d| run_trig::<SinK>(i, "sin", s, d, f64::sin),
                 reference: f64::sin,
-                rel: 1e-6,
+                rel: 5e-7,
                 abs: SUB,
             },
             Case {
                 name: "cos",
                 run: |i, s, d| run_trig::<CosK>(i, "cos", s, d, f64::cos),
                 reference: f64::cos,
-                rel: 1e-6,
+                rel: 5e-7,
                 abs: SUB,
             },
             Case {
@@ -1438,7 +1439,7 @@ mod tests {
                         x.max(0.0) + (-x.abs()).exp().ln_1p()
                     }
                 },
-                rel: 1e-6,
+                rel: 5e-7,
                 abs: SUB,
             },
         ]
