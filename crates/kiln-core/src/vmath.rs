@@ -544,9 +544,8 @@ mod x86 {
 
     pub(super) use avx512::drive_avx512;
 
-    /// The AVX-512F path. Its intrinsics (and the `avx512f` target feature) are stable since
-    /// Rust 1.89, later than the workspace's declared `rust-version`.
-    #[allow(clippy::incompatible_msrv)]
+    /// The AVX-512F path (its intrinsics are stable since Rust 1.89, the workspace's
+    /// `rust-version`).
     mod avx512 {
         use super::super::{drive, Kernel, Simd};
         use std::arch::x86_64::*;
