@@ -1,31 +1,90 @@
-//! Threading policy: one rayon pool sized by `KILN_NUM_THREADS` (default: all cores), and a
-//! work threshold below which kernels stay on the calling thread — a second thread makes small
-//! ops slower, not faster.
+//! Threading policy: one global rayon pool built once with the most threads kiln may use, a
+//! runtime thread count (`KILN_NUM_THREADS`, default: all cores, changeable with
+//! [`set_num_threads`]) that kernels honour, and a work threshold below which kernels stay on the
+//! calling thread — a second thread makes small ops slower, not faster.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 /// Elements below which an elementwise kernel runs on one thread.
 pub const PARALLEL_THRESHOLD: usize = 1 << 16;
 
-/// Number of threads kernels (and gemm) may use: `KILN_NUM_THREADS`, or the number of cores.
-pub fn num_threads() -> usize {
+/// Runtime override of the thread count (0: none).
+static OVERRIDE: AtomicUsize = AtomicUsize::new(0);
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// The thread count when none was set at runtime: `KILN_NUM_THREADS`, or the number of cores.
+fn default_threads() -> usize {
     static N: OnceLock<usize> = OnceLock::new();
     *N.get_or_init(|| {
-        let n = std::env::var("KILN_NUM_THREADS")
+        std::env::var("KILN_NUM_THREADS")
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok())
             .filter(|&n| n > 0)
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            });
+            .unwrap_or_else(cores)
+    })
+}
+
+/// Size of the global rayon pool, built on first use with the larger of `KILN_NUM_THREADS` and
+/// the number of cores: the most threads [`set_num_threads`] can ask for.
+pub fn max_threads() -> usize {
+    static MAX: OnceLock<usize> = OnceLock::new();
+    *MAX.get_or_init(|| {
+        let n = default_threads().max(cores());
         // The global pool may already exist (another library built it); then we use it as is.
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global();
-        n
+        rayon::current_num_threads().max(1)
     })
+}
+
+/// Number of threads kernels (and gemm) may use: the value of [`set_num_threads`] if any, else
+/// `KILN_NUM_THREADS`, else the number of cores; never more than [`max_threads`].
+#[inline]
+pub fn num_threads() -> usize {
+    let max = max_threads();
+    let n = match OVERRIDE.load(Ordering::Relaxed) {
+        0 => default_threads(),
+        n => n,
+    };
+    n.clamp(1, max)
+}
+
+/// Sets the number of threads kernels use from now on, in every thread of the process
+/// (clamped to `1..=max_threads()`); `0` restores the default (`KILN_NUM_THREADS` or all cores).
+pub fn set_num_threads(n: usize) {
+    OVERRIDE.store(n, Ordering::Relaxed);
+}
+
+/// A rayon pool of exactly `n` threads (`n < max_threads()`), built on first use and kept.
+fn pool_of(n: usize) -> &'static rayon::ThreadPool {
+    static POOLS: OnceLock<Vec<OnceLock<rayon::ThreadPool>>> = OnceLock::new();
+    let pools = POOLS.get_or_init(|| (0..=max_threads()).map(|_| OnceLock::new()).collect());
+    pools[n].get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(move |i| format!("kiln-{n}-{i}"))
+            .build()
+            .expect("kiln: cannot start a thread pool")
+    })
+}
+
+/// Runs `f` so that the rayon parallel iterators inside it use at most [`num_threads`] threads:
+/// in the global pool when it has that many, else in a pool of that size. Called from inside a
+/// rayon worker, `f` runs in the current pool.
+pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let n = num_threads();
+    if n >= max_threads() || rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        pool_of(n).install(f)
+    }
 }
 
 /// Splits `out` into chunks and runs `f(chunk_start, chunk)` on each, in parallel when `out`
@@ -39,7 +98,56 @@ pub fn for_each_chunk<T: Send>(out: &mut [T], f: impl Fn(usize, &mut [T]) + Sync
     use rayon::prelude::*;
     // A few chunks per thread for balance, each a multiple of 64 elements.
     let chunk = (n.div_ceil(threads * 4)).div_ceil(64) * 64;
-    out.par_chunks_mut(chunk)
-        .enumerate()
-        .for_each(|(i, c)| f(i * chunk, c));
+    install(|| {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i * chunk, c));
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+
+    #[test]
+    fn thread_count_override_is_clamped_honoured_and_reset() {
+        let max = max_threads();
+        assert!(max >= 1);
+        set_num_threads(1);
+        assert_eq!(num_threads(), 1);
+        // One thread: the chunk driver stays on the calling thread.
+        let caller = std::thread::current().id();
+        let seen = Mutex::new(HashSet::new());
+        let mut out = vec![0u32; PARALLEL_THRESHOLD * 4];
+        for_each_chunk(&mut out, |s, c| {
+            seen.lock().unwrap().insert(std::thread::current().id());
+            for (i, o) in c.iter_mut().enumerate() {
+                *o = (s + i) as u32;
+            }
+        });
+        assert_eq!(*seen.lock().unwrap(), HashSet::from([caller]));
+        assert!(out.iter().enumerate().all(|(i, &v)| v == i as u32));
+
+        set_num_threads(max + 5);
+        assert_eq!(num_threads(), max);
+        if max > 1 {
+            set_num_threads(max - 1);
+            // Parallel iterators inside `install` see a pool of the requested size.
+            assert_eq!(install(rayon::current_num_threads), max - 1);
+            let seen = Mutex::new(HashSet::new());
+            let mut out = vec![0u32; PARALLEL_THRESHOLD * 16];
+            for_each_chunk(&mut out, |s, c| {
+                seen.lock().unwrap().insert(std::thread::current().id());
+                for (i, o) in c.iter_mut().enumerate() {
+                    *o = (s + i) as u32;
+                }
+            });
+            assert!(seen.lock().unwrap().len() < max);
+            assert!(out.iter().enumerate().all(|(i, &v)| v == i as u32));
+        }
+        set_num_threads(0);
+        assert_eq!(num_threads(), default_threads().clamp(1, max));
+    }
 }

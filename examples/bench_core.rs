@@ -1,0 +1,155 @@
+//! Core-op timings as one JSON object on stdout, for `scripts/bench_vs_torch.py`.
+//!
+//! `cargo run --release --example bench_core -- [--reps N] [--threads 1,2] [--quick]`
+//!
+//! Workloads (the names the script matches against PyTorch):
+//! - `matmul_f32_1024`, `matmul_f32_2048`: square f32 products (flops = 2·n³);
+//! - `add_f32_4_recorded`: `a + b` on 4-element tensors with `a` requiring grad — the fixed cost
+//!   of one op (kernel, allocation, graph node), timed per op over a loop;
+//! - `add_f32_16M`: elementwise add of 2^24 f32.
+//!
+//! Each is warmed up, then timed `reps` times; the median is reported.
+
+use kiln::core::parallel::{max_threads, set_num_threads};
+use kiln::prelude::*;
+use std::hint::black_box;
+use std::time::Instant;
+
+struct Result {
+    name: String,
+    threads: usize,
+    median_s: f64,
+    min_s: f64,
+    reps: usize,
+    flops: Option<f64>,
+}
+
+/// Median and minimum seconds of `reps` timed calls of `f` (after `warmup` untimed calls),
+/// each call counting as `per_call` operations.
+fn time(warmup: usize, reps: usize, per_call: usize, mut f: impl FnMut()) -> (f64, f64) {
+    for _ in 0..warmup {
+        f();
+    }
+    let mut times: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() / per_call as f64
+        })
+        .collect();
+    times.sort_by(|a, b| a.total_cmp(b));
+    (times[times.len() / 2], times[0])
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut reps = 15usize;
+    let mut threads: Vec<usize> = vec![1, 2];
+    let mut quick = false;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--reps" => {
+                i += 1;
+                reps = args[i].parse().expect("--reps takes a number");
+            }
+            "--threads" => {
+                i += 1;
+                threads = args[i]
+                    .split(',')
+                    .map(|t| t.trim().parse().expect("--threads takes e.g. 1,2"))
+                    .collect();
+            }
+            "--quick" => quick = true,
+            other => panic!("bench_core: unknown argument {other}"),
+        }
+        i += 1;
+    }
+    threads.retain(|&t| t >= 1 && t <= max_threads());
+    let reps = reps.max(1);
+    let mut results = Vec::new();
+
+    let sizes: &[usize] = if quick { &[256, 512] } else { &[1024, 2048] };
+    for &n in sizes {
+        let a = Tensor::randn([n, n], 1);
+        let b = Tensor::randn([n, n], 2);
+        let flops = 2.0 * (n as f64).powi(3);
+        // Fewer repetitions of the largest product: each takes a sizeable fraction of a second.
+        let reps = if n >= 2048 {
+            reps.div_ceil(3).max(3)
+        } else {
+            reps
+        };
+        for &t in &threads {
+            set_num_threads(t);
+            let (median_s, min_s) = time(2, reps, 1, || {
+                black_box(a.matmul(&b));
+            });
+            results.push(Result {
+                name: format!("matmul_f32_{n}"),
+                threads: t,
+                median_s,
+                min_s,
+                reps,
+                flops: Some(flops),
+            });
+        }
+    }
+
+    set_num_threads(1);
+    {
+        let a = Tensor::randn([4], 1).requires_grad();
+        let b = Tensor::randn([4], 2);
+        let inner = if quick { 1_000 } else { 10_000 };
+        let (median_s, min_s) = time(2, reps, inner, || {
+            for _ in 0..inner {
+                black_box(a.add(&b));
+            }
+        });
+        results.push(Result {
+            name: "add_f32_4_recorded".into(),
+            threads: 1,
+            median_s,
+            min_s,
+            reps,
+            flops: None,
+        });
+    }
+
+    let n = if quick { 1 << 20 } else { 1 << 24 };
+    let a = Tensor::randn([n], 1);
+    let b = Tensor::randn([n], 2);
+    for &t in &threads {
+        set_num_threads(t);
+        let (median_s, min_s) = time(2, reps, 1, || {
+            black_box(a.add(&b));
+        });
+        results.push(Result {
+            name: format!("add_f32_{}M", n >> 20),
+            threads: t,
+            median_s,
+            min_s,
+            reps,
+            flops: None,
+        });
+    }
+    set_num_threads(0);
+
+    let entries: Vec<String> = results
+        .iter()
+        .map(|r| {
+            let gflops = r
+                .flops
+                .map_or("null".to_string(), |f| format!("{:.3}", f / r.median_s / 1e9));
+            format!(
+                "{{\"name\": \"{}\", \"threads\": {}, \"median_s\": {:e}, \"min_s\": {:e}, \"reps\": {}, \"gflops\": {}}}",
+                r.name, r.threads, r.median_s, r.min_s, r.reps, gflops
+            )
+        })
+        .collect();
+    println!(
+        "{{\"framework\": \"kiln\", \"max_threads\": {}, \"results\": [{}]}}",
+        max_threads(),
+        entries.join(", ")
+    );
+}

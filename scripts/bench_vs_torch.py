@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""Times kiln and PyTorch on the same CPU workloads, in the same run, and prints a table.
+
+kiln's side is `cargo run --release --example bench_core` (one JSON object on stdout); PyTorch's
+side is timed here with the same sizes, thread counts, warm-up and median-of-N.
+
+Python with torch, in order of preference:
+  1. the interpreter running this script, if it can import torch;
+  2. $KILN_BENCH_PYTHON (an existing python with torch, e.g. /work/venvs/torch/bin/python);
+  3. the virtualenv .venv-bench/ at the repository root (ignored by git), created on first use
+     with the CPU build of torch from download.pytorch.org.
+
+Usage: scripts/bench_vs_torch.py [--reps N] [--rounds R] [--threads 1,2] [--quick]
+                                 [--peak-per-core GFLOPS] [--json FILE]
+
+With --rounds R > 1 the two sides alternate R times and each workload keeps its best median:
+on a shared, noisy machine this compares both at their least disturbed moments.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv-bench"
+# f32 FMA peak of one Zen 4 core with AVX2 (2 FMA pipes x 8 lanes x 2 flops x ~3.7 GHz).
+DEFAULT_PEAK_PER_CORE = 117.0
+
+
+def ensure_torch():
+    """Re-executes this script under a python that has torch, if this one does not."""
+    try:
+        import torch  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    if os.environ.get("KILN_BENCH_REEXEC"):
+        sys.exit(f"bench_vs_torch: torch is not importable from {sys.executable}")
+    python = os.environ.get("KILN_BENCH_PYTHON")
+    if not python:
+        python = str(VENV / "bin" / "python")
+        if not Path(python).exists():
+            print(f"bench_vs_torch: creating {VENV} with CPU torch ...", file=sys.stderr)
+            subprocess.check_call([sys.executable, "-m", "venv", str(VENV)])
+            subprocess.check_call(
+                [python, "-m", "pip", "install", "--upgrade", "pip"], stdout=sys.stderr
+            )
+            subprocess.check_call(
+                [
+                    python,
+                    "-m",
+                    "pip",
+                    "install",
+                    "--index-url",
+                    "https://download.pytorch.org/whl/cpu",
+                    "torch",
+                ],
+                stdout=sys.stderr,
+            )
+    env = dict(os.environ, KILN_BENCH_REEXEC="1")
+    os.execve(python, [python, str(Path(__file__).resolve()), *sys.argv[1:]], env)
+
+
+def run_kiln(args):
+    """Builds and runs the kiln side; returns its parsed JSON."""
+    cmd = [
+        "cargo",
+        "run",
+        "--quiet",
+        "--release",
+        "-p",
+        "kiln",
+        "--example",
+        "bench_core",
+        "--",
+        "--reps",
+        str(args.reps),
+        "--threads",
+        ",".join(map(str, args.threads)),
+    ]
+    if args.quick:
+        cmd.append("--quick")
+    print("bench_vs_torch: " + " ".join(cmd), file=sys.stderr)
+    out = subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True).stdout
+    lines = [line for line in out.splitlines() if line.strip().startswith("{")]
+    return json.loads(lines[-1])
+
+
+def timed(warmup, reps, per_call, f):
+    """(median, min) seconds per operation over `reps` timed calls of f, after warm-up."""
+    for _ in range(warmup):
+        f()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        times.append((time.perf_counter() - t) / per_call)
+    return statistics.median(times), min(times)
+
+
+def run_torch(args):
+    """Times the bench_core workloads in PyTorch; returns results in bench_core's format."""
+    import torch
+
+    results = []
+    reps = max(1, args.reps)
+    sizes = [256, 512] if args.quick else [1024, 2048]
+    for n in sizes:
+        a = torch.randn(n, n)
+        b = torch.randn(n, n)
+        n_reps = max(3, -(-reps // 3)) if n >= 2048 else reps
+        for t in args.threads:
+            torch.set_num_threads(t)
+            with torch.no_grad():
+                med, mn = timed(2, n_reps, 1, lambda: torch.matmul(a, b))
+            results.append(
+                dict(name=f"matmul_f32_{n}", threads=t, median_s=med, min_s=mn,
+                     reps=n_reps, gflops=2 * n**3 / med / 1e9)
+            )
+
+    torch.set_num_threads(1)
+    a = torch.randn(4, requires_grad=True)
+    b = torch.randn(4)
+    inner = 1_000 if args.quick else 10_000
+
+    def tiny():
+        for _ in range(inner):
+            a + b
+
+    med, mn = timed(2, reps, inner, tiny)
+    results.append(dict(name="add_f32_4_recorded", threads=1, median_s=med, min_s=mn,
+                        reps=reps, gflops=None))
+
+    n = 1 << 20 if args.quick else 1 << 24
+    a = torch.randn(n)
+    b = torch.randn(n)
+    for op, f in (("add", lambda: torch.add(a, b)), ("exp", lambda: torch.exp(a))):
+        for t in args.threads:
+            torch.set_num_threads(t)
+            med, mn = timed(2, reps, 1, f)
+            results.append(dict(name=f"{op}_f32_{n >> 20}M", threads=t, median_s=med,
+                                min_s=mn, reps=reps, gflops=None))
+    return dict(framework="torch", version=torch.__version__, results=results)
+
+
+def merge_best(best, res):
+    """`best` with each workload of `res` whose median beats it (or is new)."""
+    if best is None:
+        return res
+    index = {(r["name"], r["threads"]): i for i, r in enumerate(best["results"])}
+    for r in res["results"]:
+        i = index.get((r["name"], r["threads"]))
+        if i is None:
+            best["results"].append(r)
+        elif r["median_s"] < best["results"][i]["median_s"]:
+            best["results"][i] = r
+    return best
+
+
+def fmt_time(s):
+    if s is None:
+        return "-"
+    if s < 1e-6:
+        return f"{s * 1e9:.0f} ns"
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} us"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.3f} s"
+
+
+def table(kiln, torch_res, peak_per_core):
+    by_key = lambda res: {(r["name"], r["threads"]): r for r in res["results"]}
+    k, t = by_key(kiln), by_key(torch_res)
+    keys = list(dict.fromkeys([*t.keys(), *k.keys()]))
+    head = ["workload", "thr", "kiln", "torch", "torch/kiln", "kiln GF/s", "torch GF/s",
+            "kiln %peak", "torch %peak"]
+    rows = []
+    for key in keys:
+        kr, tr = k.get(key), t.get(key)
+        name, threads = key
+        km = kr["median_s"] if kr else None
+        tm = tr["median_s"] if tr else None
+        speed = f"{tm / km:.2f}x" if km and tm else "-"
+        peak = peak_per_core * threads
+
+        def gf(r):
+            return f"{r['gflops']:.1f}" if r and r.get("gflops") else "-"
+
+        def pct(r):
+            return f"{100 * r['gflops'] / peak:.0f}%" if r and r.get("gflops") else "-"
+
+        rows.append([name, str(threads), fmt_time(km), fmt_time(tm), speed,
+                     gf(kr), gf(tr), pct(kr), pct(tr)])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=15, help="timed repetitions (median)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate kiln and torch this many times, keep each best median")
+    parser.add_argument("--threads", default="1,2", help="thread counts, e.g. 1,2")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    parser.add_argument("--peak-per-core", type=float, default=DEFAULT_PEAK_PER_CORE,
+                        help="f32 GFLOP/s peak of one core, for the %%peak columns")
+    parser.add_argument("--json", type=Path, help="also write both result sets to this file")
+    args = parser.parse_args()
+    args.threads = [int(t) for t in args.threads.split(",")]
+
+    ensure_torch()
+    kiln, torch_res = None, None
+    for _ in range(max(1, args.rounds)):
+        kiln = merge_best(kiln, run_kiln(args))
+        args.threads = [t for t in args.threads if t <= kiln["max_threads"]]
+        torch_res = merge_best(torch_res, run_torch(args))
+    print(table(kiln, torch_res, args.peak_per_core))
+    print(f"\ntorch {torch_res['version']}; torch/kiln > 1 means kiln is faster; "
+          f"%peak against {args.peak_per_core:g} GFLOP/s per thread; medians of "
+          f"{args.reps} runs (2048: fewer), best of {max(1, args.rounds)} round(s).")
+    if args.json:
+        args.json.write_text(json.dumps({"kiln": kiln, "torch": torch_res}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
