@@ -4,11 +4,13 @@
 //! the field names so they line up with checkpoint keys (`layers.3.attn.q_proj.weight`).
 
 pub mod error;
+pub mod loss;
 pub mod module;
 mod safetensors_io;
 
 pub use error::NnError;
 pub use kiln_derive::Module;
+pub use loss::{KlReduction, Loss, Reduction};
 pub use module::{
     Buffer, Forward, LoadMode, LoadReport, Module, ModuleExt, Param, StateDict, TrainFlag, Visit,
     Visited, Visitor,
