@@ -6,7 +6,8 @@
 //! - `matmul_f32_1024`, `matmul_f32_2048`: square f32 products (flops = 2·n³);
 //! - `add_f32_4_recorded`: `a + b` on 4-element tensors with `a` requiring grad — the fixed cost
 //!   of one op (kernel, allocation, graph node), timed per op over a loop;
-//! - `add_f32_16M`: elementwise add of 2^24 f32.
+//! - `add_f32_16M`, `exp_f32_16M`, `gelu_f32_16M`: elementwise add, exp and GELU (erf form) of
+//!   2^24 f32.
 //!
 //! Each is warmed up, then timed `reps` times; the median is reported.
 
@@ -119,19 +120,26 @@ fn main() {
     let n = if quick { 1 << 20 } else { 1 << 24 };
     let a = Tensor::randn([n], 1);
     let b = Tensor::randn([n], 2);
-    for &t in &threads {
-        set_num_threads(t);
-        let (median_s, min_s) = time(2, reps, 1, || {
-            black_box(a.add(&b));
-        });
-        results.push(Result {
-            name: format!("add_f32_{}M", n >> 20),
-            threads: t,
-            median_s,
-            min_s,
-            reps,
-            flops: None,
-        });
+    let elementwise: [(&str, &dyn Fn() -> Tensor); 3] = [
+        ("add", &|| a.add(&b)),
+        ("exp", &|| a.exp()),
+        ("gelu", &|| a.gelu()),
+    ];
+    for (op, f) in elementwise {
+        for &t in &threads {
+            set_num_threads(t);
+            let (median_s, min_s) = time(2, reps, 1, || {
+                black_box(f());
+            });
+            results.push(Result {
+                name: format!("{op}_f32_{}M", n >> 20),
+                threads: t,
+                median_s,
+                min_s,
+                reps,
+                flops: None,
+            });
+        }
     }
     set_num_threads(0);
 

@@ -140,7 +140,8 @@ def run_torch(args):
     n = 1 << 20 if args.quick else 1 << 24
     a = torch.randn(n)
     b = torch.randn(n)
-    for op, f in (("add", lambda: torch.add(a, b)), ("exp", lambda: torch.exp(a))):
+    for op, f in (("add", lambda: torch.add(a, b)), ("exp", lambda: torch.exp(a)),
+                  ("gelu", lambda: torch.nn.functional.gelu(a))):
         for t in args.threads:
             torch.set_num_threads(t)
             med, mn = timed(2, reps, 1, f)

@@ -97,6 +97,12 @@ fn elementwise(c: &mut Criterion) {
         group.bench_function(format!("add/threads={threads}"), |bench| {
             bench.iter(|| black_box(a.add(&b)))
         });
+        group.bench_function(format!("exp/threads={threads}"), |bench| {
+            bench.iter(|| black_box(a.exp()))
+        });
+        group.bench_function(format!("gelu/threads={threads}"), |bench| {
+            bench.iter(|| black_box(a.gelu()))
+        });
     }
     set_num_threads(0);
     group.finish();

@@ -145,7 +145,7 @@ fn apply(t: &Tensor, r: &Reference, step: &Step) -> Option<(Tensor, Reference, b
             let mut new_dims = Vec::new();
             let mut s = seed;
             while rest > 1 && new_dims.len() + 1 < MAX_RANK {
-                let divisors: Vec<usize> = (1..=rest).filter(|k| rest % k == 0).collect();
+                let divisors: Vec<usize> = (1..=rest).filter(|&k| rest.is_multiple_of(k)).collect();
                 let k = divisors[(s % divisors.len() as u64) as usize];
                 s /= divisors.len() as u64;
                 if k == rest {

@@ -287,7 +287,7 @@ fn forward<T: Element>(
     // Whole products per thread need no synchronisation inside gemm; large products go to
     // gemm's threads instead when the batch would not split evenly over the threads.
     let per_batch =
-        work < BATCH_INNER_PARALLEL_WORK || count % threads == 0 || count >= 8 * threads;
+        work < BATCH_INNER_PARALLEL_WORK || count.is_multiple_of(threads) || count >= 8 * threads;
     if threads > 1 && count * work >= BATCH_PARALLEL_WORK && per_batch {
         use rayon::prelude::*;
         parallel::install(|| {

@@ -575,7 +575,7 @@ mod tests {
                 let got = xg.grad().unwrap().to_vec::<f64>();
                 xg.zero_grad();
                 let mut want = vec![0.0; v.len()];
-                for base in (0..v.len()).filter(|k| (k / inner) % red == 0) {
+                for base in (0..v.len()).filter(|k| (k / inner).is_multiple_of(red)) {
                     let idx = |r: usize| base + r * inner;
                     if log {
                         let s: f64 = (0..red).map(|r| wv[idx(r)]).sum();
