@@ -6,7 +6,9 @@
 pub mod error;
 pub mod loss;
 pub mod module;
+pub mod optim;
 mod safetensors_io;
+pub mod scheduler;
 
 pub use error::NnError;
 pub use kiln_derive::Module;
@@ -14,6 +16,14 @@ pub use loss::{KlReduction, Loss, Reduction};
 pub use module::{
     Buffer, Forward, LoadMode, LoadReport, Module, ModuleExt, Param, StateDict, TrainFlag, Visit,
     Visited, Visitor,
+};
+pub use optim::{
+    clip_grad_norm_, clip_grad_value_, Adagrad, Adam, AdamW, Optimizer, OptimizerState, ParamGroup,
+    RmsProp, Sgd,
+};
+pub use scheduler::{
+    CosineAnnealingLR, ExponentialLR, LinearWarmupDecayLR, MultiStepLR, OneCycleLR,
+    ReduceLROnPlateau, Scheduler, SchedulerState, StepLR,
 };
 
 #[cfg(test)]
