@@ -4,6 +4,8 @@
 //! the field names so they line up with checkpoint keys (`layers.3.attn.q_proj.weight`).
 
 pub mod error;
+pub mod init;
+pub mod layers;
 pub mod loss;
 pub mod module;
 pub mod optim;
@@ -12,6 +14,10 @@ pub mod scheduler;
 
 pub use error::NnError;
 pub use kiln_derive::Module;
+pub use layers::{
+    Dropout, Embedding, Flatten, Gelu, Layer, LayerNorm, Linear, Relu, RmsNorm, Sequential,
+    Sigmoid, Silu, Softmax, Tanh,
+};
 pub use loss::{KlReduction, Loss, Reduction};
 pub use module::{
     Buffer, Forward, LoadMode, LoadReport, Module, ModuleExt, Param, StateDict, TrainFlag, Visit,
