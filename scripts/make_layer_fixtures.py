@@ -10,7 +10,7 @@ Run:  /work/venvs/torch/bin/python scripts/make_layer_fixtures.py
 
 Such an environment can be made from PyPI with:
     python3 -m venv /work/venvs/torch
-    /work/venvs/torch/bin/pip install torch --index-url https://download.pytorch.org/whl/cpu
+    /work/venvs/torch/bin/pip install torch numpy   # from PyPI
 (or plain `pip install torch`).
 """
 

@@ -12,7 +12,7 @@ To create such a virtual environment from PyPI (the CPU wheel is enough):
 
     python3 -m venv /work/venvs/torch
     /work/venvs/torch/bin/pip install --upgrade pip
-    /work/venvs/torch/bin/pip install torch --index-url https://download.pytorch.org/whl/cpu
+    /work/venvs/torch/bin/pip install torch numpy   # from PyPI
     # or simply: /work/venvs/torch/bin/pip install torch
 
 Each fixture holds:
