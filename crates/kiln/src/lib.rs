@@ -3,11 +3,20 @@
 //! `use kiln::prelude::*;` brings in everything a model script needs.
 
 pub use kiln_core as core;
+pub use kiln_nn as nn;
 
 /// The names most programs need.
 pub mod prelude {
     pub use kiln_core::{
         enable_grad, gradcheck, no_grad, with_no_grad, CustomOp, DType, Device, GradFn, Infer, Rng,
         Shape, Tensor,
+    };
+    pub use kiln_nn::loss::{self, Loss, Reduction};
+    pub use kiln_nn::optim::Optimizer;
+    pub use kiln_nn::scheduler::Scheduler;
+    pub use kiln_nn::{
+        seq, Adam, AdamW, Buffer, Dropout, Embedding, Flatten, Forward, Gelu, Layer, LayerNorm,
+        Linear, LoadMode, Module, ModuleExt, Param, Relu, RmsNorm, Sequential, Sgd, Sigmoid, Silu,
+        Softmax, Tanh, TrainFlag,
     };
 }
