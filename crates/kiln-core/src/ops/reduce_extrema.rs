@@ -599,14 +599,14 @@ impl Tensor {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::gradcheck::{gradcheck, randn_f64};
     use crate::DType;
 
     /// Reference reduction over `dims` of a row-major `shape`: `f` gets the reduced values
     /// (in row-major order) of each kept position.
-    fn reference<R>(
+    pub(crate) fn reference<R>(
         vals: &[f64],
         shape: &[usize],
         dims: &[usize],

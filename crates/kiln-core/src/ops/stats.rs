@@ -472,26 +472,7 @@ mod tests {
 
     /// The groups of reduced values (row-major) of each kept position of `shape`.
     fn groups(vals: &[f64], shape: &[usize], dims: &[usize]) -> Vec<Vec<f64>> {
-        let strides: Vec<usize> = (0..shape.len())
-            .map(|i| shape[i + 1..].iter().product())
-            .collect();
-        let kept: Vec<usize> = (0..shape.len()).filter(|d| !dims.contains(d)).collect();
-        let n_out: usize = kept.iter().map(|&d| shape[d]).product();
-        let n_red: usize = dims.iter().map(|&d| shape[d]).product();
-        let unravel = |mut k: usize, ds: &[usize]| -> usize {
-            let mut off = 0;
-            for &d in ds.iter().rev() {
-                off += (k % shape[d]) * strides[d];
-                k /= shape[d];
-            }
-            off
-        };
-        (0..n_out)
-            .map(|o| {
-                let base = unravel(o, &kept);
-                (0..n_red).map(|j| vals[base + unravel(j, dims)]).collect()
-            })
-            .collect()
+        crate::ops::reduce_extrema::tests::reference(vals, shape, dims, |g| g.to_vec())
     }
 
     fn ref_var(g: &[f64], correction: usize) -> f64 {
