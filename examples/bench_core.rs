@@ -7,7 +7,9 @@
 //! - `add_f32_4_recorded`: `a + b` on 4-element tensors with `a` requiring grad — the fixed cost
 //!   of one op (kernel, allocation, graph node), timed per op over a loop;
 //! - `add_f32_16M`, `exp_f32_16M`, `gelu_f32_16M`: elementwise add, exp and GELU (erf form) of
-//!   2^24 f32.
+//!   2^24 f32;
+//! - `mlp_adam_step_b64`: one training step of an MLP 784-256-256-10 (ReLU) on a batch of 64:
+//!   forward, cross-entropy, backward, Adam update, zero_grad.
 //!
 //! Each is warmed up, then timed `reps` times; the median is reported.
 
@@ -133,6 +135,46 @@ fn main() {
             });
             results.push(Result {
                 name: format!("{op}_f32_{}M", n >> 20),
+                threads: t,
+                median_s,
+                min_s,
+                reps,
+                flops: None,
+            });
+        }
+    }
+    {
+        let mut rng = Rng::new(0);
+        let model = seq![
+            Linear::new(784, 256, &mut rng),
+            Relu,
+            Linear::new(256, 256, &mut rng),
+            Relu,
+            Linear::new(256, 10, &mut rng)
+        ];
+        let mut opt = Adam::new(model.named_parameters(), 1e-3).expect("adam");
+        let x = Tensor::randn([64, 784], 3);
+        let y = Tensor::from_vec((0..64).map(|i| (i % 10) as i64).collect(), [64]);
+        let inner = if quick { 5 } else { 50 };
+        for &t in &threads {
+            set_num_threads(t);
+            let (median_s, min_s) = time(2, reps, inner, || {
+                for _ in 0..inner {
+                    let loss = loss::cross_entropy(
+                        &model.forward(&x),
+                        &y,
+                        None,
+                        -100,
+                        Reduction::Mean,
+                        0.0,
+                    );
+                    loss.backward();
+                    opt.step();
+                    opt.zero_grad();
+                }
+            });
+            results.push(Result {
+                name: "mlp_adam_step_b64".into(),
                 threads: t,
                 median_s,
                 min_s,

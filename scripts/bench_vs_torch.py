@@ -140,6 +140,31 @@ def run_torch(args):
             med, mn = timed(2, reps, 1, f)
             results.append(dict(name=f"{op}_f32_{n >> 20}M", threads=t, median_s=med,
                                 min_s=mn, reps=reps, gflops=None))
+
+    # One training step of MLP 784-256-256-10, batch 64, Adam (the same workload as bench_core).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(784, 256), torch.nn.ReLU(),
+        torch.nn.Linear(256, 256), torch.nn.ReLU(),
+        torch.nn.Linear(256, 10),
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(64, 784)
+    y = torch.arange(64) % 10
+    inner = 5 if args.quick else 50
+
+    def mlp_steps():
+        for _ in range(inner):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+    for t in args.threads:
+        torch.set_num_threads(t)
+        med, mn = timed(2, reps, inner, mlp_steps)
+        results.append(dict(name="mlp_adam_step_b64", threads=t, median_s=med, min_s=mn,
+                            reps=reps, gflops=None))
     return dict(framework="torch", version=torch.__version__, results=results)
 
 
