@@ -15,6 +15,10 @@ pub mod scheduler;
 pub use error::NnError;
 pub use kiln_derive::Module;
 pub use layers::{
+    scaled_dot_product_attention, MhaConfig, MhaOptions, MultiheadAttention, TransformerActivation,
+    TransformerEncoder, TransformerEncoderLayer, TransformerEncoderLayerConfig,
+};
+pub use layers::{
     Dropout, Embedding, Flatten, Gelu, Layer, LayerNorm, Linear, Relu, RmsNorm, Sequential,
     Sigmoid, Silu, Softmax, Tanh,
 };

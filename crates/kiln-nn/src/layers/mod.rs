@@ -2,20 +2,27 @@
 //! [`gradcheck_module`] to check a layer's gradients with respect to its input and parameters.
 
 mod activation;
+mod attention;
 mod dropout;
 mod embedding;
 mod flatten;
 mod linear;
 mod norm;
 mod sequential;
+mod transformer;
 
 pub use activation::{Gelu, GeluApprox, Relu, Sigmoid, Silu, Softmax, Tanh};
+pub use attention::{scaled_dot_product_attention, MhaConfig, MhaOptions, MultiheadAttention};
 pub use dropout::Dropout;
 pub use embedding::Embedding;
 pub use flatten::Flatten;
 pub use linear::{Linear, LinearConfig};
 pub use norm::{layer_norm, rms_norm, LayerNorm, NormConfig, RMSNorm, RmsNorm};
 pub use sequential::{Layer, Sequential};
+pub use transformer::{
+    TransformerActivation, TransformerEncoder, TransformerEncoderLayer,
+    TransformerEncoderLayerConfig,
+};
 
 use crate::{Forward, ModuleExt};
 use kiln_core::{with_no_grad, DType, GradcheckOptions, Tensor};
