@@ -15,8 +15,8 @@ pub mod scheduler;
 pub use error::NnError;
 pub use kiln_derive::Module;
 pub use layers::{
-    Dropout, Embedding, Flatten, Gelu, Layer, LayerNorm, Linear, Relu, RmsNorm, Sequential,
-    Sigmoid, Silu, Softmax, Tanh,
+    Conv1d, Conv1dConfig, Conv2d, Conv2dConfig, Dropout, Embedding, Flatten, Gelu, Layer,
+    LayerNorm, Linear, Relu, RmsNorm, Sequential, Sigmoid, Silu, Softmax, Tanh,
 };
 pub use loss::{KlReduction, Loss, Reduction};
 pub use module::{

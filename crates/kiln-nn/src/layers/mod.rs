@@ -2,6 +2,7 @@
 //! [`gradcheck_module`] to check a layer's gradients with respect to its input and parameters.
 
 mod activation;
+mod conv;
 mod dropout;
 mod embedding;
 mod flatten;
@@ -10,6 +11,7 @@ mod norm;
 mod sequential;
 
 pub use activation::{Gelu, GeluApprox, Relu, Sigmoid, Silu, Softmax, Tanh};
+pub use conv::{Conv1d, Conv1dConfig, Conv2d, Conv2dConfig, Padding1d, Padding2d};
 pub use dropout::Dropout;
 pub use embedding::Embedding;
 pub use flatten::Flatten;
