@@ -1,6 +1,7 @@
 //! Forward and backward parity of kiln's `Conv1d` / `Conv2d` with PyTorch, on fixtures written
 //! by `scripts/make_conv_fixtures.py`: weights are loaded through `load_state_dict`, and the
-//! output, input gradient and parameter gradients must match within 1e-5 (max abs diff).
+//! output and input gradient must match within 1e-5 (max abs diff), the parameter gradients
+//! within 1e-5 relative to their largest magnitude.
 
 use kiln_core::{Rng, Tensor};
 use kiln_nn::layers::{Conv1d, Conv1dConfig, Conv2d, Conv2dConfig, Layer, Padding1d, Padding2d};
@@ -159,12 +160,19 @@ fn conv_layers_match_pytorch() {
         );
         let mut gp = 0f64;
         for (pname, p) in params {
-            let d = max_diff(&p.grad().expect("param grad"), &fx.param_grads[&pname]);
-            assert!(d <= TOL, "{name}: grad of {pname} differs by {d}");
+            let want = &fx.param_grads[&pname];
+            // Parameter gradients sum over every output position (values up to ~75 here), so
+            // f32 rounding alone reaches ~1e-5 absolute: compare relative to their magnitude.
+            let scale = want.data.iter().fold(1f64, |m, v| m.max(v.abs()));
+            let d = max_diff(&p.grad().expect("param grad"), want) / scale;
+            assert!(
+                d <= TOL,
+                "{name}: grad of {pname} differs by {d} (relative to {scale})"
+            );
             gp = gp.max(d);
         }
-        println!("{name}: output {out:.2e}, input grad {gx:.2e}, param grads {gp:.2e}");
+        println!("{name}: output {out:.2e}, input grad {gx:.2e}, param grads (rel) {gp:.2e}");
         worst = worst.max(out).max(gx).max(gp);
     }
-    println!("worst max abs diff over all conv fixtures: {worst:.3e}");
+    println!("worst diff over all conv fixtures: {worst:.3e}");
 }
