@@ -21,6 +21,7 @@ pub use device::Device;
 pub use dtype::{DType, Element, Float};
 pub use gradcheck::{gradcheck, gradcheck_with, GradcheckOptions};
 pub use layout::Layout;
+pub use ops::conv::{Conv1dOptions, Conv2dOptions, IntoPair};
 pub use ops::view::Infer;
 pub use rng::Rng;
 pub use shape::{Dim, Dims, Shape};

@@ -14,14 +14,7 @@ pub mod scheduler;
 
 pub use error::NnError;
 pub use kiln_derive::Module;
-pub use layers::{
-    scaled_dot_product_attention, MhaConfig, MhaOptions, MultiheadAttention, TransformerActivation,
-    TransformerEncoder, TransformerEncoderLayer, TransformerEncoderLayerConfig,
-};
-pub use layers::{
-    Dropout, Embedding, Flatten, Gelu, Layer, LayerNorm, Linear, Relu, RmsNorm, Sequential,
-    Sigmoid, Silu, Softmax, Tanh,
-};
+pub use layers::*;
 pub use loss::{KlReduction, Loss, Reduction};
 pub use module::{
     Buffer, Forward, LoadMode, LoadReport, Module, ModuleExt, Param, StateDict, TrainFlag, Visit,

@@ -152,7 +152,7 @@ fn plan(a: &Tensor, b: &Tensor) -> (Shape, DimVec, Operand, Operand) {
 /// Every element addressed through the pointers and strides must be inside its allocation, and
 /// `dst` must not overlap `a` or `b`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into<T: Element>(
+pub(crate) unsafe fn gemm_into<T: Element>(
     (m, n, k): (usize, usize, usize),
     dst: *mut T,
     a: *const T,
@@ -177,6 +177,44 @@ unsafe fn gemm_into<T: Element>(
         b_cs as isize,
         b_rs as isize,
         T::zero(),
+        T::one(),
+        false,
+        false,
+        false,
+        par,
+    );
+}
+
+/// `dst[m × n] += a[m × k] · b[k × n]` with the given element strides; `dst` rows are `n` apart.
+///
+/// # Safety
+/// As for [`gemm_into`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_acc_into<T: Element>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    a: *const T,
+    (a_rs, a_cs): (usize, usize),
+    b: *const T,
+    (b_rs, b_cs): (usize, usize),
+    par: Parallelism,
+) {
+    // read_dst with alpha 1: dst = dst + a·b.
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        true,
+        a,
+        a_cs as isize,
+        a_rs as isize,
+        b,
+        b_cs as isize,
+        b_rs as isize,
+        T::one(),
         T::one(),
         false,
         false,

@@ -3,6 +3,7 @@
 pub mod binary;
 pub mod compare;
 pub mod concat;
+pub mod conv;
 pub mod dropout;
 pub mod index;
 pub mod inplace;

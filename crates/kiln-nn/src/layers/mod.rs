@@ -3,6 +3,7 @@
 
 mod activation;
 mod attention;
+mod conv;
 mod dropout;
 mod embedding;
 mod flatten;
@@ -13,6 +14,7 @@ mod transformer;
 
 pub use activation::{Gelu, GeluApprox, Relu, Sigmoid, Silu, Softmax, Tanh};
 pub use attention::{scaled_dot_product_attention, MhaConfig, MhaOptions, MultiheadAttention};
+pub use conv::{Conv1d, Conv1dConfig, Conv2d, Conv2dConfig, Padding1d, Padding2d};
 pub use dropout::Dropout;
 pub use embedding::Embedding;
 pub use flatten::Flatten;
