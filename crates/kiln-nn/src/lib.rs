@@ -15,8 +15,8 @@ pub mod scheduler;
 pub use error::NnError;
 pub use kiln_derive::Module;
 pub use layers::{
-    Dropout, Embedding, Flatten, Gelu, Layer, LayerNorm, Linear, Relu, RmsNorm, Sequential,
-    Sigmoid, Silu, Softmax, Tanh,
+    Dropout, Embedding, Flatten, Gelu, Gru, Layer, LayerNorm, Linear, Lstm, Relu, RmsNorm, Rnn,
+    RnnConfig, RnnNonlinearity, Sequential, Sigmoid, Silu, Softmax, Tanh, GRU, LSTM, RNN,
 };
 pub use loss::{KlReduction, Loss, Reduction};
 pub use module::{

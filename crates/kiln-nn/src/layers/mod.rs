@@ -7,6 +7,7 @@ mod embedding;
 mod flatten;
 mod linear;
 mod norm;
+mod rnn;
 mod sequential;
 
 pub use activation::{Gelu, GeluApprox, Relu, Sigmoid, Silu, Softmax, Tanh};
@@ -15,6 +16,7 @@ pub use embedding::Embedding;
 pub use flatten::Flatten;
 pub use linear::{Linear, LinearConfig};
 pub use norm::{layer_norm, rms_norm, LayerNorm, NormConfig, RMSNorm, RmsNorm};
+pub use rnn::{Gru, Lstm, Rnn, RnnConfig, RnnNonlinearity, GRU, LSTM, RNN};
 pub use sequential::{Layer, Sequential};
 
 use crate::{Forward, ModuleExt};
