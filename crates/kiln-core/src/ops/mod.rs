@@ -12,6 +12,7 @@ pub mod matmul;
 pub mod pow;
 pub mod reduce;
 pub mod reduce_extrema;
+pub mod rnn_cell;
 pub mod softmax;
 pub mod stats;
 pub mod unary;

@@ -9,6 +9,7 @@ mod embedding;
 mod flatten;
 mod linear;
 mod norm;
+mod rnn;
 mod sequential;
 mod transformer;
 
@@ -20,6 +21,7 @@ pub use embedding::Embedding;
 pub use flatten::Flatten;
 pub use linear::{Linear, LinearConfig};
 pub use norm::{layer_norm, rms_norm, LayerNorm, NormConfig, RMSNorm, RmsNorm};
+pub use rnn::{Gru, Lstm, Rnn, RnnConfig, RnnNonlinearity, GRU, LSTM, RNN};
 pub use sequential::{Layer, Sequential};
 pub use transformer::{
     TransformerActivation, TransformerEncoder, TransformerEncoderLayer,
