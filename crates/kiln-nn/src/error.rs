@@ -16,7 +16,7 @@ pub enum NnError {
     #[error("config: {0}")]
     Config(String),
     /// A name looked up in the [`Registry`](crate::registry::Registry) is not registered.
-    #[error("unknown {kind} `{name}`{}; known {kind}s: {}", did_you_mean(.suggestion), .known.join(", "))]
+    #[error("unknown {kind} `{name}`{}; known {}: {}", did_you_mean(.suggestion), plural(.kind), .known.join(", "))]
     UnknownName {
         /// What was looked up: `layer`, `loss`, `optimizer` or `scheduler`.
         kind: &'static str,
@@ -57,6 +57,14 @@ pub enum NnError {
         /// The registered name it collides with (names match ignoring case, `_` and `-`).
         existing: String,
     },
+}
+
+fn plural(kind: &str) -> String {
+    if kind.ends_with('s') {
+        format!("{kind}es")
+    } else {
+        format!("{kind}s")
+    }
 }
 
 fn did_you_mean(suggestion: &Option<String>) -> String {

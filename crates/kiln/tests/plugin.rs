@@ -5,6 +5,7 @@
 #[path = "../../../examples/custom_plugin.rs"]
 mod custom_plugin;
 
+use kiln::nn::layers::{GeluApprox, LinearConfig};
 use kiln::nn::loss::{
     BceLoss, BceWithLogitsLoss, CrossEntropyLoss, HuberLoss, KlDivLoss, KlReduction, L1Loss,
     MseLoss, NllLoss, SmoothL1Loss,
@@ -14,10 +15,9 @@ use kiln::nn::optim::{
 };
 use kiln::nn::registry::toml;
 use kiln::nn::scheduler::{
-    CosineAnnealingLR, ExponentialLR, LinearWarmupDecayLR, MultiStepLR, OneCycleConfig,
-    OneCycleLR, PlateauConfig, ReduceLROnPlateau, SchedulerState, StepLR,
+    CosineAnnealingLR, ExponentialLR, LinearWarmupDecayLR, MultiStepLR, OneCycleConfig, OneCycleLR,
+    PlateauConfig, ReduceLROnPlateau, SchedulerState, StepLR,
 };
-use kiln::nn::layers::{GeluApprox, LinearConfig};
 use kiln::nn::{NnError, Param};
 use kiln::prelude::*;
 use serde::Deserialize;
@@ -48,6 +48,7 @@ fn example_trains_with_user_layer_and_optimizer_and_the_loss_falls() {
     let last = losses[losses.len() - 10..].iter().sum::<f64>() / 10.0;
     assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
     assert!(last < 0.1 * first, "loss {first} -> {last}");
+    println!("custom_plugin: mean loss of the first 10 steps {first:.5}, last 10 {last:.5}");
     // The same spec runs the same way twice (fixed seed), and the plugins are now built-in-like.
     let again = custom_plugin::run(custom_plugin::SPEC, 5, false).unwrap();
     assert_eq!(again[..], losses[..5]);
@@ -126,8 +127,20 @@ fn every_builtin_layer_builds_by_name_and_by_torch_name() {
             &ids,
             vec![3, 6],
         ),
-        ("layer_norm", "LayerNorm", "normalized_shape = [3, 4]", &x, vec![2, 3, 4]),
-        ("rms_norm", "RMSNorm", "normalized_shape = 4", &x, vec![2, 3, 4]),
+        (
+            "layer_norm",
+            "LayerNorm",
+            "normalized_shape = [3, 4]",
+            &x,
+            vec![2, 3, 4],
+        ),
+        (
+            "rms_norm",
+            "RMSNorm",
+            "normalized_shape = 4",
+            &x,
+            vec![2, 3, 4],
+        ),
         ("dropout", "Dropout", "p = 0.25", &x, vec![2, 3, 4]),
         ("flatten", "Flatten", "", &x, vec![2, 12]),
         ("relu", "ReLU", "", &x, vec![2, 3, 4]),
@@ -155,7 +168,10 @@ fn every_builtin_layer_builds_by_name_and_by_torch_name() {
         )
         .unwrap();
     let direct = LayerNorm::from_weights(Tensor::ones([4]), None, 0.5);
-    assert_eq!(ln.forward(&x).to_vec::<f32>(), direct.forward(&x).to_vec::<f32>());
+    assert_eq!(
+        ln.forward(&x).to_vec::<f32>(),
+        direct.forward(&x).to_vec::<f32>()
+    );
     assert_eq!(ln.named_parameters().len(), 1);
     let g = reg
         .build_layer("gelu", table("approximate = \"tanh\""), &mut ctx)
@@ -163,13 +179,20 @@ fn every_builtin_layer_builds_by_name_and_by_torch_name() {
     let direct = Gelu {
         approximate: GeluApprox::Tanh,
     };
-    assert_eq!(g.forward(&x).to_vec::<f32>(), direct.forward(&x).to_vec::<f32>());
-    let sm = reg.build_layer("softmax", table("dim = 1"), &mut ctx).unwrap();
+    assert_eq!(
+        g.forward(&x).to_vec::<f32>(),
+        direct.forward(&x).to_vec::<f32>()
+    );
+    let sm = reg
+        .build_layer("softmax", table("dim = 1"), &mut ctx)
+        .unwrap();
     assert_eq!(
         sm.forward(&x).to_vec::<f32>(),
         Softmax::new(1).forward(&x).to_vec::<f32>()
     );
-    let d = reg.build_layer("dropout", table("p = 1.0"), &mut ctx).unwrap();
+    let d = reg
+        .build_layer("dropout", table("p = 1.0"), &mut ctx)
+        .unwrap();
     assert!(d.forward(&x).to_vec::<f32>().iter().all(|v| *v == 0.0));
 }
 
@@ -178,7 +201,17 @@ fn every_builtin_loss_builds_by_name_and_matches_the_struct() {
     let reg = Registry::with_builtins();
     assert_eq!(
         reg.loss_names(),
-        ["bce", "bce_with_logits", "cross_entropy", "huber", "kl_div", "l1", "mse", "nll", "smooth_l1"]
+        [
+            "bce",
+            "bce_with_logits",
+            "cross_entropy",
+            "huber",
+            "kl_div",
+            "l1",
+            "mse",
+            "nll",
+            "smooth_l1"
+        ]
     );
     let logits = Tensor::randn([4, 3], 1);
     let classes = Tensor::from_vec(vec![0i64, 2, 1, 2], [4]);
@@ -187,7 +220,14 @@ fn every_builtin_loss_builds_by_name_and_matches_the_struct() {
     let probs = a.sigmoid();
     let targets = Tensor::rand([4, 3], 4);
     let w = Tensor::from_vec(vec![0.5f64, 1.0, 2.0], [3]);
-    type Case<'a> = (&'a str, &'a str, &'a str, Box<dyn Loss>, &'a Tensor, &'a Tensor);
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a str,
+        Box<dyn Loss>,
+        &'a Tensor,
+        &'a Tensor,
+    );
     let cases: Vec<Case> = vec![
         (
             "cross_entropy",
@@ -244,7 +284,14 @@ fn every_builtin_loss_builds_by_name_and_matches_the_struct() {
             &a,
             &b,
         ),
-        ("bce", "BCELoss", "", Box::new(BceLoss::default()), &probs, &targets),
+        (
+            "bce",
+            "BCELoss",
+            "",
+            Box::new(BceLoss::default()),
+            &probs,
+            &targets,
+        ),
         (
             "bce_with_logits",
             "BCEWithLogitsLoss",
@@ -274,7 +321,10 @@ fn every_builtin_loss_builds_by_name_and_matches_the_struct() {
         for n in [name, torch_name] {
             let l = reg.build_loss(n, table(args)).unwrap();
             let got = l.forward(input, target).item();
-            assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "{n}: {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "{n}: {got} vs {want}"
+            );
         }
     }
 }
@@ -296,7 +346,10 @@ fn fresh() -> Param {
 #[test]
 fn every_builtin_optimizer_builds_by_name_and_matches_the_direct_one() {
     let reg = Registry::with_builtins();
-    assert_eq!(reg.optimizer_names(), ["adagrad", "adam", "adamw", "rmsprop", "sgd"]);
+    assert_eq!(
+        reg.optimizer_names(),
+        ["adagrad", "adam", "adamw", "rmsprop", "sgd"]
+    );
     type Direct = Box<dyn Fn(Param) -> Box<dyn Optimizer>>;
     let cases: Vec<(&str, &str, &str, Direct)> = vec![
         (
@@ -398,16 +451,73 @@ fn every_builtin_scheduler_builds_by_name_and_matches_the_direct_one() {
             "step_lr"
         ]
     );
-    let opt = || Sgd::new(vec![fresh()], SgdConfig { lr: 0.1, momentum: 0.9, ..Default::default() }).unwrap();
+    let opt = || {
+        Sgd::new(
+            vec![fresh()],
+            SgdConfig {
+                lr: 0.1,
+                momentum: 0.9,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
     type Direct = Box<dyn Fn(&Sgd) -> Box<dyn Scheduler>>;
     let cases: Vec<(&str, &str, &str, Direct)> = vec![
-        ("step_lr", "StepLR", "step_size = 2\ngamma = 0.5", Box::new(|o| Box::new(StepLR::new(o, 2, 0.5).unwrap()))),
-        ("multi_step_lr", "MultiStepLR", "milestones = [1, 3]", Box::new(|o| Box::new(MultiStepLR::new(o, vec![1, 3], 0.1).unwrap()))),
-        ("exponential_lr", "ExponentialLR", "gamma = 0.9", Box::new(|o| Box::new(ExponentialLR::new(o, 0.9).unwrap()))),
-        ("cosine_annealing_lr", "CosineAnnealingLR", "T_max = 6\neta_min = 0.01", Box::new(|o| Box::new(CosineAnnealingLR::new(o, 6, 0.01).unwrap()))),
-        ("linear_warmup_decay_lr", "LinearWarmupDecayLR", "num_warmup_steps = 2\nnum_training_steps = 8", Box::new(|o| Box::new(LinearWarmupDecayLR::new(o, 2, 8).unwrap()))),
-        ("one_cycle_lr", "OneCycleLR", "max_lr = 1.0\nepochs = 2\nsteps_per_epoch = 5", Box::new(|o| Box::new(OneCycleLR::new(o, 1.0, 10, OneCycleConfig::default()).unwrap()))),
-        ("reduce_lr_on_plateau", "ReduceLROnPlateau", "patience = 1\nfactor = 0.5", Box::new(|o| Box::new(ReduceLROnPlateau::new(o, PlateauConfig { patience: 1, factor: 0.5, ..Default::default() }).unwrap()))),
+        (
+            "step_lr",
+            "StepLR",
+            "step_size = 2\ngamma = 0.5",
+            Box::new(|o| Box::new(StepLR::new(o, 2, 0.5).unwrap())),
+        ),
+        (
+            "multi_step_lr",
+            "MultiStepLR",
+            "milestones = [1, 3]",
+            Box::new(|o| Box::new(MultiStepLR::new(o, vec![1, 3], 0.1).unwrap())),
+        ),
+        (
+            "exponential_lr",
+            "ExponentialLR",
+            "gamma = 0.9",
+            Box::new(|o| Box::new(ExponentialLR::new(o, 0.9).unwrap())),
+        ),
+        (
+            "cosine_annealing_lr",
+            "CosineAnnealingLR",
+            "T_max = 6\neta_min = 0.01",
+            Box::new(|o| Box::new(CosineAnnealingLR::new(o, 6, 0.01).unwrap())),
+        ),
+        (
+            "linear_warmup_decay_lr",
+            "LinearWarmupDecayLR",
+            "num_warmup_steps = 2\nnum_training_steps = 8",
+            Box::new(|o| Box::new(LinearWarmupDecayLR::new(o, 2, 8).unwrap())),
+        ),
+        (
+            "one_cycle_lr",
+            "OneCycleLR",
+            "max_lr = 1.0\nepochs = 2\nsteps_per_epoch = 5",
+            Box::new(|o| Box::new(OneCycleLR::new(o, 1.0, 10, OneCycleConfig::default()).unwrap())),
+        ),
+        (
+            "reduce_lr_on_plateau",
+            "ReduceLROnPlateau",
+            "patience = 1\nfactor = 0.5",
+            Box::new(|o| {
+                Box::new(
+                    ReduceLROnPlateau::new(
+                        o,
+                        PlateauConfig {
+                            patience: 1,
+                            factor: 0.5,
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap(),
+                )
+            }),
+        ),
     ];
     assert_eq!(cases.len(), reg.scheduler_names().len());
     let lrs = |s: &mut dyn Scheduler, o: &Sgd| -> Vec<f64> {
@@ -551,14 +661,17 @@ fn user_registry() -> Registry {
     })
     .unwrap();
     reg.loss::<ScaledMse>("scaled_mse").unwrap();
-    reg.register_optimizer("heavy_ball", |a: HeavyBallArgs, params: Vec<(String, Param)>| {
-        let c = SgdConfig {
-            lr: a.lr,
-            momentum: 0.9,
-            ..Default::default()
-        };
-        Sgd::new(params, c)
-    })
+    reg.register_optimizer(
+        "heavy_ball",
+        |a: HeavyBallArgs, params: Vec<(String, Param)>| {
+            let c = SgdConfig {
+                lr: a.lr,
+                momentum: 0.9,
+                ..Default::default()
+            };
+            Sgd::new(params, c)
+        },
+    )
     .unwrap();
     reg.register_scheduler("halving", |a: HalvingArgs, opt: &dyn Optimizer| {
         let hyper = opt.hyper();
@@ -584,12 +697,19 @@ fn user_layer_loss_optimizer_and_scheduler_work_from_toml_like_builtins() {
         scheduler,
     } = reg.build_training(&spec).unwrap();
     let mut scheduler = scheduler.unwrap();
-    let names: Vec<String> = model.named_parameters().into_iter().map(|(n, _)| n).collect();
+    let names: Vec<String> = model
+        .named_parameters()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     assert_eq!(names, ["0.weight", "0.bias", "1.gain"]);
     // The user layer drew its gain right after the linear layer, from the model's generator.
     let mut rng = Rng::new(5);
     let _ = Linear::new(3, 1, &mut rng);
-    assert_eq!(model.named_parameters()[2].1.to_vec::<f32>(), [rng.next_f32()]);
+    assert_eq!(
+        model.named_parameters()[2].1.to_vec::<f32>(),
+        [rng.next_f32()]
+    );
 
     let x = Tensor::randn([16, 3], 1);
     let y = x.sum(1, true);
@@ -640,7 +760,9 @@ fn the_global_registry_is_usable_from_many_threads() {
         }
     });
     for t in 0..8 {
-        assert!(registry().layer_names().contains(&format!("thread_scale_{t}")));
+        assert!(registry()
+            .layer_names()
+            .contains(&format!("thread_scale_{t}")));
     }
 }
 
@@ -660,12 +782,27 @@ fn unknown_names_list_the_known_ones_and_suggest_the_closest() {
         ],
     );
     let msg = err_of(reg.build_optimizer("adamm", toml::Table::new(), vec![]));
-    assert_contains(&msg, &["unknown optimizer `adamm` (did you mean `adam`?)", "known optimizers: adagrad, adam, adamw, rmsprop, sgd"]);
-    let msg = err_of(reg.build_loss("CrossEntropy", toml::Table::new()));
-    assert_contains(&msg, &["unknown loss `CrossEntropy` (did you mean `cross_entropy`?)", "known losses"]);
+    assert_contains(
+        &msg,
+        &[
+            "unknown optimizer `adamm` (did you mean `adam`?)",
+            "known optimizers: adagrad, adam, adamw, rmsprop, sgd",
+        ],
+    );
+    let msg = err_of(reg.build_loss("CrossEntropyLos", toml::Table::new()));
+    assert_contains(
+        &msg,
+        &[
+            "unknown loss `CrossEntropyLos` (did you mean `cross_entropy`?)",
+            "known losses",
+        ],
+    );
     let o = Sgd::new(vec![fresh()], 0.1).unwrap();
     let msg = err_of(reg.build_scheduler("zzz", toml::Table::new(), &o));
-    assert_contains(&msg, &["unknown scheduler `zzz`; known schedulers: cosine_annealing_lr"]);
+    assert_contains(
+        &msg,
+        &["unknown scheduler `zzz`; known schedulers: cosine_annealing_lr"],
+    );
     assert!(!msg.contains("did you mean"), "{msg}");
     assert!(matches!(
         reg.build_loss("nope", toml::Table::new()),
@@ -684,7 +821,10 @@ fn bad_missing_and_unknown_args_name_the_layer_and_serdes_message() {
     );
     assert_contains(
         &build("[[layer]]\ntype = \"linear\"\nin = 4\nout = 2\noutt = 3"),
-        &["layer 0 (`linear`): unknown field `outt`, expected one of", "`out_features`"],
+        &[
+            "layer 0 (`linear`): unknown field `outt`, expected one of",
+            "`out_features`",
+        ],
     );
     assert_contains(
         &build("[[layer]]\ntype = \"linear\"\nin = \"four\"\nout = 2"),
@@ -703,9 +843,15 @@ fn bad_missing_and_unknown_args_name_the_layer_and_serdes_message() {
         &["layer 0 (`gelu`): unknown variant `fast`, expected `none` or `tanh`"],
     );
     assert_contains(&build("[[layer]]\nin = 3"), &["layer 0: missing `type`"]);
-    assert_contains(&build("[[layer]]\ntype = 3"), &["layer 0: `type` must be a string"]);
+    assert_contains(
+        &build("[[layer]]\ntype = 3"),
+        &["layer 0: `type` must be a string"],
+    );
     assert_contains(&build("seed = 1"), &["no [[layer]] tables"]);
-    assert_contains(&build("seed = -1\n[[layer]]\ntype = \"relu\""), &["`seed` must be a non-negative integer"]);
+    assert_contains(
+        &build("seed = -1\n[[layer]]\ntype = \"relu\""),
+        &["`seed` must be a non-negative integer"],
+    );
     assert_contains(
         &build("[[layers]]\ntype = \"relu\""),
         &["<string>: unknown top-level key `layers`"],
@@ -713,30 +859,50 @@ fn bad_missing_and_unknown_args_name_the_layer_and_serdes_message() {
 
     let params = || vec![("w".to_string(), fresh())];
     let msg = err_of(reg.build_optimizer("sgd", table("lr = 0.1\nmomentm = 0.9"), params()));
-    assert_contains(&msg, &["optimizer `sgd`: unknown field `momentm`, expected one of", "`momentum`"]);
+    assert_contains(
+        &msg,
+        &[
+            "optimizer `sgd`: unknown field `momentm`, expected one of",
+            "`momentum`",
+        ],
+    );
     let msg = err_of(reg.build_optimizer("adam", table("lr = -1.0"), params()));
     assert_contains(&msg, &["optimizer `adam`:", "lr"]);
     let msg = err_of(reg.build_optimizer("adam", table("betas = 0.9"), params()));
     assert_contains(&msg, &["optimizer `adam`: invalid type"]);
     let o = Sgd::new(params(), 0.1).unwrap();
     let msg = err_of(reg.build_scheduler("step_lr", table("step_size = 0"), &o));
-    assert_contains(&msg, &["scheduler `step_lr`: config: step_size must be >= 1"]);
+    assert_contains(
+        &msg,
+        &["scheduler `step_lr`: config: step_size must be >= 1"],
+    );
     let msg = err_of(reg.build_scheduler("step_lr", toml::Table::new(), &o));
     assert_contains(&msg, &["scheduler `step_lr`: missing field `step_size`"]);
     let msg = err_of(reg.build_scheduler("one_cycle_lr", table("max_lr = 1.0"), &o));
-    assert_contains(&msg, &["give either total_steps, or epochs and steps_per_epoch"]);
+    assert_contains(
+        &msg,
+        &["give either total_steps, or epochs and steps_per_epoch"],
+    );
     let msg = err_of(reg.build_loss("mse", table("reduction = \"avg\"")));
-    assert_contains(&msg, &["loss `mse`: unknown variant `avg`, expected one of `mean`, `sum`, `none`"]);
+    assert_contains(
+        &msg,
+        &["loss `mse`: unknown variant `avg`, expected one of `mean`, `sum`, `none`"],
+    );
 
     let spec = TrainSpec::from_toml("[[layer]]\ntype = \"relu\"\n[loss]\ntype = \"mse\"").unwrap();
-    assert_contains(&err_of(reg.build_training(&spec)), &["missing [optimizer] table"]);
+    assert_contains(
+        &err_of(reg.build_training(&spec)),
+        &["missing [optimizer] table"],
+    );
     let spec = TrainSpec::from_toml("[[layer]]\ntype = \"linear\"\nin=1\nout=1\n[loss]\ntype = \"mse\"\n[optimizer]\ntype = \"sgd\"\n[scheduler]\ngamma = 0.5").unwrap_err();
     assert_contains(&spec.to_string(), &["[scheduler]: missing `type`"]);
 }
 
 #[test]
 fn toml_syntax_errors_and_missing_files_name_the_place() {
-    let msg = err_of(Sequential::from_toml("[[layer]]\ntype = \"relu\"\nin = = 3\n"));
+    let msg = err_of(Sequential::from_toml(
+        "[[layer]]\ntype = \"relu\"\nin = = 3\n",
+    ));
     assert_contains(&msg, &["<string>:3:", "invalid TOML"]);
     let dir = std::env::temp_dir().join(format!("kiln-plugin-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -753,7 +919,10 @@ fn toml_syntax_errors_and_missing_files_name_the_place() {
     let missing = dir.join("nope.toml");
     let msg = err_of(TrainSpec::from_toml_file(&missing));
     assert_contains(&msg, &[&missing.display().to_string()]);
-    assert!(matches!(TrainSpec::from_toml_file(&missing), Err(NnError::File(..))));
+    assert!(matches!(
+        TrainSpec::from_toml_file(&missing),
+        Err(NnError::File(..))
+    ));
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -768,11 +937,19 @@ fn duplicate_names_are_errors_unless_replaced() {
     let msg = err_of(reg.loss::<ScaledMse>("MSELoss"));
     assert_contains(&msg, &["loss `MSELoss` is already registered (as `mse`)"]);
     let msg = err_of(reg.optimizer::<custom_plugin::LionRule>("adam"));
-    assert_contains(&msg, &["optimizer `adam` is already registered (as `adam`)"]);
-    let msg = err_of(reg.register_scheduler("StepLR", |a: HalvingArgs, o: &dyn Optimizer| {
-        StepLR::new(o, a.every, 0.5)
-    }));
-    assert_contains(&msg, &["scheduler `StepLR` is already registered (as `step_lr`)"]);
+    assert_contains(
+        &msg,
+        &["optimizer `adam` is already registered (as `adam`)"],
+    );
+    let msg = err_of(
+        reg.register_scheduler("StepLR", |a: HalvingArgs, o: &dyn Optimizer| {
+            StepLR::new(o, a.every, 0.5)
+        }),
+    );
+    assert_contains(
+        &msg,
+        &["scheduler `StepLR` is already registered (as `step_lr`)"],
+    );
     // Replacing: `linear` now builds the user layer.
     reg.replace_layer("linear", |a: ScaleArgs, _: &mut BuildContext| {
         Ok(Scale {
@@ -780,8 +957,13 @@ fn duplicate_names_are_errors_unless_replaced() {
             factor: a.factor,
         })
     });
-    let m = reg.build_sequential("[[layer]]\ntype = \"Linear\"\nfactor = 3.0").unwrap();
+    let m = reg
+        .build_sequential("[[layer]]\ntype = \"Linear\"\nfactor = 3.0")
+        .unwrap();
     assert_eq!(m.forward(&Tensor::ones([2])).to_vec::<f32>(), [3.0, 3.0]);
     assert_eq!(Registry::new().layer_names(), Vec::<String>::new());
-    assert_contains(&err_of(reg.layer::<custom_plugin::Swish>("__")), &["empty name"]);
+    assert_contains(
+        &err_of(reg.layer::<custom_plugin::Swish>("__")),
+        &["empty name"],
+    );
 }

@@ -34,7 +34,9 @@ pub(super) fn register_all(r: &Registry) -> Result<(), NnError> {
     r.builtin_layer("gelu", &[], gelu)?;
     r.builtin_layer("silu", &[], |_: NoArgs, _: &mut BuildContext| Ok(Silu))?;
     r.builtin_layer("tanh", &[], |_: NoArgs, _: &mut BuildContext| Ok(Tanh))?;
-    r.builtin_layer("sigmoid", &[], |_: NoArgs, _: &mut BuildContext| Ok(Sigmoid))?;
+    r.builtin_layer("sigmoid", &[], |_: NoArgs, _: &mut BuildContext| {
+        Ok(Sigmoid)
+    })?;
     r.builtin_layer("softmax", &[], softmax)?;
 
     // Losses.

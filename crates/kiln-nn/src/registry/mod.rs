@@ -350,7 +350,8 @@ impl Registry {
         L: Layer + 'static,
         F: Fn(A, &mut BuildContext) -> Result<L, NnError> + Send + Sync + 'static,
     {
-        self.layers.insert(name, aliases, Self::layer_ctor(f), false)
+        self.layers
+            .insert(name, aliases, Self::layer_ctor(f), false)
     }
 
     /// Builds the layer registered as `type_name` from `args` (its TOML table without `type`).

@@ -234,7 +234,10 @@ impl Registry {
         let model = self.build_model(spec)?;
         let loss_spec = spec.loss.as_ref().ok_or_else(|| missing("loss"))?;
         let loss = self.build_loss(&loss_spec.type_name, loss_spec.args.clone())?;
-        let opt_spec = spec.optimizer.as_ref().ok_or_else(|| missing("optimizer"))?;
+        let opt_spec = spec
+            .optimizer
+            .as_ref()
+            .ok_or_else(|| missing("optimizer"))?;
         let params = model
             .named_parameters()
             .into_iter()
