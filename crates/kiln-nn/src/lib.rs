@@ -9,6 +9,7 @@ pub mod layers;
 pub mod loss;
 pub mod module;
 pub mod optim;
+pub mod registry;
 mod safetensors_io;
 pub mod scheduler;
 
@@ -24,6 +25,7 @@ pub use optim::{
     clip_grad_norm_, clip_grad_value_, Adagrad, Adam, AdamW, Optimizer, OptimizerState, ParamGroup,
     RmsProp, Sgd,
 };
+pub use registry::{registry, BuildContext, Registry, TrainSpec, Training};
 pub use scheduler::{
     CosineAnnealingLR, ExponentialLR, LinearWarmupDecayLR, MultiStepLR, OneCycleLR,
     ReduceLROnPlateau, Scheduler, SchedulerState, StepLR,

@@ -13,6 +13,7 @@ pub mod prelude {
     };
     pub use kiln_nn::loss::{self, Loss, Reduction};
     pub use kiln_nn::optim::Optimizer;
+    pub use kiln_nn::registry::{registry, BuildContext, Registry, TrainSpec, Training};
     pub use kiln_nn::scheduler::Scheduler;
     pub use kiln_nn::{
         seq, Adam, AdamW, Buffer, Dropout, Embedding, Flatten, Forward, Gelu, Layer, LayerNorm,

@@ -1,0 +1,686 @@
+//! The built-in layers, losses, optimizers and schedulers, under snake_case names (torch's class
+//! names match too, since names are compared ignoring case and `_`). Arguments use torch's names
+//! and defaults. Registering one more built-in is one `r.builtin_*` line in [`register_all`]
+//! (plus an args struct when it takes arguments).
+
+use super::{BuildContext, Registry};
+use crate::error::NnError;
+use crate::layers::{
+    Dropout, Embedding, Flatten, Gelu, GeluApprox, LayerNorm, Linear, LinearConfig, NormConfig,
+    Relu, RmsNorm, Sigmoid, Silu, Softmax, Tanh,
+};
+use crate::loss::{
+    BceLoss, BceWithLogitsLoss, CrossEntropyLoss, HuberLoss, KlDivLoss, KlReduction, L1Loss,
+    MseLoss, NllLoss, Reduction, SmoothL1Loss,
+};
+use crate::optim::{AdagradRule, AdamRule, AdamWRule, Optimizer, RmsPropRule, SgdRule};
+use crate::scheduler::{
+    Anneal, CosineAnnealingLR, ExponentialLR, LinearWarmupDecayLR, MultiStepLR, OneCycleConfig,
+    OneCycleLR, PerGroup, PlateauConfig, PlateauMode, ReduceLROnPlateau, StepLR, ThresholdMode,
+};
+use kiln_core::Tensor;
+use serde::Deserialize;
+
+/// Registers every built-in into `r`.
+pub(super) fn register_all(r: &Registry) -> Result<(), NnError> {
+    // Layers.
+    r.builtin_layer("linear", &[], linear)?;
+    r.builtin_layer("embedding", &[], embedding)?;
+    r.builtin_layer("layer_norm", &[], layer_norm)?;
+    r.builtin_layer("rms_norm", &[], rms_norm)?;
+    r.builtin_layer("dropout", &[], dropout)?;
+    r.builtin_layer("flatten", &[], flatten)?;
+    r.builtin_layer("relu", &[], |_: NoArgs, _: &mut BuildContext| Ok(Relu))?;
+    r.builtin_layer("gelu", &[], gelu)?;
+    r.builtin_layer("silu", &[], |_: NoArgs, _: &mut BuildContext| Ok(Silu))?;
+    r.builtin_layer("tanh", &[], |_: NoArgs, _: &mut BuildContext| Ok(Tanh))?;
+    r.builtin_layer("sigmoid", &[], |_: NoArgs, _: &mut BuildContext| {
+        Ok(Sigmoid)
+    })?;
+    r.builtin_layer("softmax", &[], softmax)?;
+
+    // Losses.
+    r.builtin_loss("cross_entropy", &["CrossEntropyLoss"], cross_entropy)?;
+    r.builtin_loss("nll", &["NLLLoss"], nll)?;
+    r.builtin_loss("mse", &["MSELoss"], |a: ReductionArgs| {
+        Ok(MseLoss::new(a.reduction.into()))
+    })?;
+    r.builtin_loss("l1", &["L1Loss"], |a: ReductionArgs| {
+        Ok(L1Loss::new(a.reduction.into()))
+    })?;
+    r.builtin_loss("huber", &["HuberLoss"], huber)?;
+    r.builtin_loss("smooth_l1", &["SmoothL1Loss"], smooth_l1)?;
+    r.builtin_loss("bce", &["BCELoss", "binary_cross_entropy"], bce)?;
+    r.builtin_loss(
+        "bce_with_logits",
+        &["BCEWithLogitsLoss", "binary_cross_entropy_with_logits"],
+        bce_with_logits,
+    )?;
+    r.builtin_loss("kl_div", &["KLDivLoss"], kl_div)?;
+
+    // Optimizers (the TOML table is the rule's group config).
+    r.builtin_optimizer::<SgdRule>("sgd", &[])?;
+    r.builtin_optimizer::<AdamRule>("adam", &[])?;
+    r.builtin_optimizer::<AdamWRule>("adamw", &[])?;
+    r.builtin_optimizer::<RmsPropRule>("rmsprop", &[])?;
+    r.builtin_optimizer::<AdagradRule>("adagrad", &[])?;
+
+    // Schedulers.
+    r.builtin_scheduler("step_lr", &[], step_lr)?;
+    r.builtin_scheduler("multi_step_lr", &[], multi_step_lr)?;
+    r.builtin_scheduler("exponential_lr", &[], exponential_lr)?;
+    r.builtin_scheduler("cosine_annealing_lr", &["cosine"], cosine)?;
+    r.builtin_scheduler(
+        "linear_warmup_decay_lr",
+        &["linear_warmup", "linear_schedule_with_warmup"],
+        linear_warmup_decay,
+    )?;
+    r.builtin_scheduler("one_cycle_lr", &[], one_cycle)?;
+    r.builtin_scheduler("reduce_lr_on_plateau", &["plateau"], plateau)?;
+    Ok(())
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn bad(message: String) -> NnError {
+    NnError::Config(message)
+}
+
+/// Arguments of parameter-free layers: none.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoArgs {}
+
+/// One dim or several (`normalized_shape = 64` or `[8, 8]`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Dims {
+    One(usize),
+    Many(Vec<usize>),
+}
+
+impl Dims {
+    fn to_vec(&self) -> Vec<usize> {
+        match self {
+            Dims::One(d) => vec![*d],
+            Dims::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// One value for every group, or one per group.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PerGroupArg {
+    All(f64),
+    Each(Vec<f64>),
+}
+
+impl From<PerGroupArg> for PerGroup {
+    fn from(a: PerGroupArg) -> Self {
+        match a {
+            PerGroupArg::All(v) => PerGroup::All(v),
+            PerGroupArg::Each(v) => PerGroup::Each(v),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------- layers
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LinearArgs {
+    #[serde(alias = "in")]
+    in_features: usize,
+    #[serde(alias = "out")]
+    out_features: usize,
+    #[serde(default = "yes")]
+    bias: bool,
+}
+
+fn linear(a: LinearArgs, ctx: &mut BuildContext) -> Result<Linear, NnError> {
+    let config = LinearConfig::default().bias(a.bias);
+    Ok(Linear::with_config(
+        a.in_features,
+        a.out_features,
+        config,
+        ctx.rng(),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmbeddingArgs {
+    num_embeddings: usize,
+    embedding_dim: usize,
+}
+
+fn embedding(a: EmbeddingArgs, ctx: &mut BuildContext) -> Result<Embedding, NnError> {
+    Ok(Embedding::new(a.num_embeddings, a.embedding_dim, ctx.rng()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LayerNormArgs {
+    normalized_shape: Dims,
+    #[serde(default = "layer_norm_eps")]
+    eps: f64,
+    #[serde(default = "yes")]
+    elementwise_affine: bool,
+    #[serde(default = "yes")]
+    bias: bool,
+}
+
+fn layer_norm_eps() -> f64 {
+    NormConfig::layer_norm().eps
+}
+
+fn layer_norm(a: LayerNormArgs, _: &mut BuildContext) -> Result<LayerNorm, NnError> {
+    let config = NormConfig::layer_norm()
+        .eps(a.eps)
+        .elementwise_affine(a.elementwise_affine)
+        .bias(a.bias);
+    Ok(LayerNorm::with_config(&a.normalized_shape.to_vec(), config))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RmsNormArgs {
+    normalized_shape: Dims,
+    #[serde(default = "rms_norm_eps")]
+    eps: f64,
+    #[serde(default = "yes")]
+    elementwise_affine: bool,
+}
+
+fn rms_norm_eps() -> f64 {
+    NormConfig::rms_norm().eps
+}
+
+fn rms_norm(a: RmsNormArgs, _: &mut BuildContext) -> Result<RmsNorm, NnError> {
+    let config = NormConfig::rms_norm()
+        .eps(a.eps)
+        .elementwise_affine(a.elementwise_affine);
+    Ok(RmsNorm::with_config(&a.normalized_shape.to_vec(), config))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DropoutArgs {
+    #[serde(default = "half")]
+    p: f64,
+    /// Seed of the dropout masks (default: drawn from the model's generator).
+    seed: Option<u64>,
+}
+
+fn half() -> f64 {
+    0.5
+}
+
+fn dropout(a: DropoutArgs, ctx: &mut BuildContext) -> Result<Dropout, NnError> {
+    if !(0.0..=1.0).contains(&a.p) {
+        return Err(bad(format!("p must be in [0, 1], got {}", a.p)));
+    }
+    let seed = a.seed.unwrap_or_else(|| ctx.next_seed());
+    Ok(Dropout::new(a.p, seed))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlattenArgs {
+    #[serde(default = "one")]
+    start_dim: i64,
+    #[serde(default = "minus_one")]
+    end_dim: i64,
+}
+
+fn one() -> i64 {
+    1
+}
+
+fn minus_one() -> i64 {
+    -1
+}
+
+fn flatten(a: FlattenArgs, _: &mut BuildContext) -> Result<Flatten, NnError> {
+    Ok(Flatten::range(a.start_dim, a.end_dim))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+enum ApproxArg {
+    #[default]
+    None,
+    Tanh,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GeluArgs {
+    #[serde(default)]
+    approximate: ApproxArg,
+}
+
+fn gelu(a: GeluArgs, _: &mut BuildContext) -> Result<Gelu, NnError> {
+    Ok(Gelu {
+        approximate: match a.approximate {
+            ApproxArg::None => GeluApprox::None,
+            ApproxArg::Tanh => GeluApprox::Tanh,
+        },
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SoftmaxArgs {
+    dim: i64,
+}
+
+fn softmax(a: SoftmaxArgs, _: &mut BuildContext) -> Result<Softmax, NnError> {
+    Ok(Softmax::new(a.dim))
+}
+
+// ---------------------------------------------------------------------------- losses
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum ReductionArg {
+    #[default]
+    Mean,
+    Sum,
+    None,
+}
+
+impl From<ReductionArg> for Reduction {
+    fn from(r: ReductionArg) -> Self {
+        match r {
+            ReductionArg::Mean => Reduction::Mean,
+            ReductionArg::Sum => Reduction::Sum,
+            ReductionArg::None => Reduction::None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReductionArgs {
+    #[serde(default)]
+    reduction: ReductionArg,
+}
+
+/// A 1-d constant tensor of weights.
+fn weights(w: Option<Vec<f64>>) -> Option<Tensor> {
+    w.map(|v| {
+        let n = v.len();
+        Tensor::from_vec(v, [n])
+    })
+}
+
+fn minus_hundred() -> i64 {
+    -100
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CrossEntropyArgs {
+    weight: Option<Vec<f64>>,
+    #[serde(default = "minus_hundred")]
+    ignore_index: i64,
+    #[serde(default)]
+    label_smoothing: f64,
+    #[serde(default)]
+    reduction: ReductionArg,
+}
+
+fn cross_entropy(a: CrossEntropyArgs) -> Result<CrossEntropyLoss, NnError> {
+    if !(0.0..=1.0).contains(&a.label_smoothing) {
+        return Err(bad(format!(
+            "label_smoothing must be in [0, 1], got {}",
+            a.label_smoothing
+        )));
+    }
+    Ok(CrossEntropyLoss {
+        weight: weights(a.weight),
+        ignore_index: a.ignore_index,
+        label_smoothing: a.label_smoothing,
+        reduction: a.reduction.into(),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NllArgs {
+    weight: Option<Vec<f64>>,
+    #[serde(default = "minus_hundred")]
+    ignore_index: i64,
+    #[serde(default)]
+    reduction: ReductionArg,
+}
+
+fn nll(a: NllArgs) -> Result<NllLoss, NnError> {
+    Ok(NllLoss {
+        weight: weights(a.weight),
+        ignore_index: a.ignore_index,
+        reduction: a.reduction.into(),
+    })
+}
+
+fn one_f() -> f64 {
+    1.0
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HuberArgs {
+    #[serde(default = "one_f")]
+    delta: f64,
+    #[serde(default)]
+    reduction: ReductionArg,
+}
+
+fn huber(a: HuberArgs) -> Result<HuberLoss, NnError> {
+    if a.delta.is_nan() || a.delta <= 0.0 {
+        return Err(bad(format!("delta must be > 0, got {}", a.delta)));
+    }
+    Ok(HuberLoss {
+        delta: a.delta,
+        reduction: a.reduction.into(),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SmoothL1Args {
+    #[serde(default = "one_f")]
+    beta: f64,
+    #[serde(default)]
+    reduction: ReductionArg,
+}
+
+fn smooth_l1(a: SmoothL1Args) -> Result<SmoothL1Loss, NnError> {
+    if a.beta.is_nan() || a.beta < 0.0 {
+        return Err(bad(format!("beta must be >= 0, got {}", a.beta)));
+    }
+    Ok(SmoothL1Loss {
+        beta: a.beta,
+        reduction: a.reduction.into(),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BceArgs {
+    weight: Option<Vec<f64>>,
+    #[serde(default)]
+    reduction: ReductionArg,
+}
+
+fn bce(a: BceArgs) -> Result<BceLoss, NnError> {
+    Ok(BceLoss {
+        weight: weights(a.weight),
+        reduction: a.reduction.into(),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BceWithLogitsArgs {
+    weight: Option<Vec<f64>>,
+    pos_weight: Option<Vec<f64>>,
+    #[serde(default)]
+    reduction: ReductionArg,
+}
+
+fn bce_with_logits(a: BceWithLogitsArgs) -> Result<BceWithLogitsLoss, NnError> {
+    Ok(BceWithLogitsLoss {
+        weight: weights(a.weight),
+        pos_weight: weights(a.pos_weight),
+        reduction: a.reduction.into(),
+    })
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+enum KlReductionArg {
+    #[default]
+    Mean,
+    Sum,
+    None,
+    BatchMean,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KlDivArgs {
+    #[serde(default)]
+    reduction: KlReductionArg,
+    #[serde(default)]
+    log_target: bool,
+}
+
+fn kl_div(a: KlDivArgs) -> Result<KlDivLoss, NnError> {
+    Ok(KlDivLoss {
+        reduction: match a.reduction {
+            KlReductionArg::Mean => KlReduction::Mean,
+            KlReductionArg::Sum => KlReduction::Sum,
+            KlReductionArg::None => KlReduction::None,
+            KlReductionArg::BatchMean => KlReduction::BatchMean,
+        },
+        log_target: a.log_target,
+    })
+}
+
+// ---------------------------------------------------------------------------- schedulers
+
+fn tenth() -> f64 {
+    0.1
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepArgs {
+    step_size: u64,
+    #[serde(default = "tenth")]
+    gamma: f64,
+}
+
+fn step_lr(a: StepArgs, opt: &dyn Optimizer) -> Result<StepLR, NnError> {
+    StepLR::new(opt, a.step_size, a.gamma)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MultiStepArgs {
+    milestones: Vec<u64>,
+    #[serde(default = "tenth")]
+    gamma: f64,
+}
+
+fn multi_step_lr(a: MultiStepArgs, opt: &dyn Optimizer) -> Result<MultiStepLR, NnError> {
+    MultiStepLR::new(opt, a.milestones, a.gamma)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExponentialArgs {
+    gamma: f64,
+}
+
+fn exponential_lr(a: ExponentialArgs, opt: &dyn Optimizer) -> Result<ExponentialLR, NnError> {
+    ExponentialLR::new(opt, a.gamma)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CosineArgs {
+    #[serde(alias = "T_max")]
+    t_max: u64,
+    #[serde(default)]
+    eta_min: f64,
+    /// Linear warmup steps before the cosine (kiln's extension; default 0).
+    #[serde(default)]
+    warmup_steps: u64,
+}
+
+fn cosine(a: CosineArgs, opt: &dyn Optimizer) -> Result<CosineAnnealingLR, NnError> {
+    CosineAnnealingLR::with_warmup(opt, a.warmup_steps, a.t_max, a.eta_min)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LinearWarmupArgs {
+    #[serde(alias = "num_warmup_steps")]
+    warmup_steps: u64,
+    #[serde(alias = "num_training_steps")]
+    total_steps: u64,
+}
+
+fn linear_warmup_decay(
+    a: LinearWarmupArgs,
+    opt: &dyn Optimizer,
+) -> Result<LinearWarmupDecayLR, NnError> {
+    LinearWarmupDecayLR::new(opt, a.warmup_steps, a.total_steps)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+enum AnnealArg {
+    #[default]
+    Cos,
+    Linear,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OneCycleArgs {
+    max_lr: PerGroupArg,
+    total_steps: Option<u64>,
+    epochs: Option<u64>,
+    steps_per_epoch: Option<u64>,
+    #[serde(default = "pct_start")]
+    pct_start: f64,
+    #[serde(default)]
+    anneal_strategy: AnnealArg,
+    #[serde(default = "yes")]
+    cycle_momentum: bool,
+    #[serde(default = "base_momentum")]
+    base_momentum: f64,
+    #[serde(default = "max_momentum")]
+    max_momentum: f64,
+    #[serde(default = "div_factor")]
+    div_factor: f64,
+    #[serde(default = "final_div_factor")]
+    final_div_factor: f64,
+    #[serde(default)]
+    three_phase: bool,
+}
+
+fn pct_start() -> f64 {
+    OneCycleConfig::default().pct_start
+}
+fn base_momentum() -> f64 {
+    OneCycleConfig::default().base_momentum
+}
+fn max_momentum() -> f64 {
+    OneCycleConfig::default().max_momentum
+}
+fn div_factor() -> f64 {
+    OneCycleConfig::default().div_factor
+}
+fn final_div_factor() -> f64 {
+    OneCycleConfig::default().final_div_factor
+}
+
+fn one_cycle(a: OneCycleArgs, opt: &dyn Optimizer) -> Result<OneCycleLR, NnError> {
+    let total_steps = match (a.total_steps, a.epochs, a.steps_per_epoch) {
+        (Some(t), None, None) => t,
+        (None, Some(e), Some(s)) => e * s,
+        _ => {
+            return Err(bad(
+                "give either total_steps, or epochs and steps_per_epoch".into(),
+            ))
+        }
+    };
+    let config = OneCycleConfig {
+        pct_start: a.pct_start,
+        anneal: match a.anneal_strategy {
+            AnnealArg::Cos => Anneal::Cos,
+            AnnealArg::Linear => Anneal::Linear,
+        },
+        cycle_momentum: a.cycle_momentum,
+        base_momentum: a.base_momentum,
+        max_momentum: a.max_momentum,
+        div_factor: a.div_factor,
+        final_div_factor: a.final_div_factor,
+        three_phase: a.three_phase,
+    };
+    OneCycleLR::new(opt, PerGroup::from(a.max_lr), total_steps, config)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+enum ModeArg {
+    #[default]
+    Min,
+    Max,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+enum ThresholdModeArg {
+    #[default]
+    Rel,
+    Abs,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlateauArgs {
+    #[serde(default)]
+    mode: ModeArg,
+    #[serde(default = "tenth")]
+    factor: f64,
+    #[serde(default = "patience")]
+    patience: u64,
+    #[serde(default = "threshold")]
+    threshold: f64,
+    #[serde(default)]
+    threshold_mode: ThresholdModeArg,
+    #[serde(default)]
+    cooldown: u64,
+    min_lr: Option<PerGroupArg>,
+    #[serde(default = "plateau_eps")]
+    eps: f64,
+}
+
+fn patience() -> u64 {
+    PlateauConfig::default().patience
+}
+fn threshold() -> f64 {
+    PlateauConfig::default().threshold
+}
+fn plateau_eps() -> f64 {
+    PlateauConfig::default().eps
+}
+
+fn plateau(a: PlateauArgs, opt: &dyn Optimizer) -> Result<ReduceLROnPlateau, NnError> {
+    let config = PlateauConfig {
+        mode: match a.mode {
+            ModeArg::Min => PlateauMode::Min,
+            ModeArg::Max => PlateauMode::Max,
+        },
+        factor: a.factor,
+        patience: a.patience,
+        threshold: a.threshold,
+        threshold_mode: match a.threshold_mode {
+            ThresholdModeArg::Rel => ThresholdMode::Rel,
+            ThresholdModeArg::Abs => ThresholdMode::Abs,
+        },
+        cooldown: a.cooldown,
+        min_lr: a.min_lr.map_or(PerGroup::All(0.0), PerGroup::from),
+        eps: a.eps,
+    };
+    ReduceLROnPlateau::new(opt, config)
+}
