@@ -122,9 +122,7 @@ fn par_rows3<T: Send>(
     }
     use rayon::prelude::*;
     install(|| {
-        parts
-            .into_par_iter()
-            .for_each(|(r, a, b, c)| f(r, a, b, c));
+        parts.into_par_iter().for_each(|(r, a, b, c)| f(r, a, b, c));
     });
 }
 

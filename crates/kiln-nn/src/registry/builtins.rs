@@ -6,8 +6,9 @@
 use super::{BuildContext, Registry};
 use crate::error::NnError;
 use crate::layers::{
-    Dropout, Embedding, Flatten, Gelu, GeluApprox, LayerNorm, Linear, LinearConfig, NormConfig,
-    Relu, RmsNorm, Sigmoid, Silu, Softmax, Tanh,
+    Conv1d, Conv1dConfig, Conv2d, Conv2dConfig, Dropout, Embedding, Flatten, Gelu, GeluApprox, Gru,
+    LayerNorm, Linear, LinearConfig, Lstm, NormConfig, Padding1d, Padding2d, Relu, RmsNorm,
+    RnnConfig, Sigmoid, Silu, Softmax, Tanh,
 };
 use crate::loss::{
     BceLoss, BceWithLogitsLoss, CrossEntropyLoss, HuberLoss, KlDivLoss, KlReduction, L1Loss,
@@ -38,6 +39,24 @@ pub(super) fn register_all(r: &Registry) -> Result<(), NnError> {
         Ok(Sigmoid)
     })?;
     r.builtin_layer("softmax", &[], softmax)?;
+    r.builtin_layer("conv1d", &[], conv1d)?;
+    r.builtin_layer("conv2d", &[], conv2d)?;
+    r.builtin_layer("lstm", &[], |a: RnnArgs, ctx: &mut BuildContext| {
+        Ok(Lstm::with_config(
+            a.input_size,
+            a.hidden_size,
+            a.config(),
+            ctx.rng(),
+        ))
+    })?;
+    r.builtin_layer("gru", &[], |a: RnnArgs, ctx: &mut BuildContext| {
+        Ok(Gru::with_config(
+            a.input_size,
+            a.hidden_size,
+            a.config(),
+            ctx.rng(),
+        ))
+    })?;
 
     // Losses.
     r.builtin_loss("cross_entropy", &["CrossEntropyLoss"], cross_entropy)?;
@@ -128,6 +147,164 @@ impl From<PerGroupArg> for PerGroup {
 }
 
 // ---------------------------------------------------------------------------- layers
+
+/// A size for both spatial dims, or one per dim (`kernel_size = 3` or `[3, 5]`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PairArg {
+    One(usize),
+    Two([usize; 2]),
+}
+
+impl PairArg {
+    fn pair(&self) -> (usize, usize) {
+        match *self {
+            PairArg::One(v) => (v, v),
+            PairArg::Two([h, w]) => (h, w),
+        }
+    }
+}
+
+/// Convolution padding: a size, one per dim, or torch's `"same"` / `"valid"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PaddingArg {
+    Size(PairArg),
+    Named(String),
+}
+
+impl Default for PaddingArg {
+    fn default() -> Self {
+        PaddingArg::Size(PairArg::One(0))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConvArgs {
+    #[serde(alias = "in")]
+    in_channels: usize,
+    #[serde(alias = "out")]
+    out_channels: usize,
+    kernel_size: PairArg,
+    #[serde(default = "one_pair")]
+    stride: PairArg,
+    #[serde(default)]
+    padding: PaddingArg,
+    #[serde(default = "one_pair")]
+    dilation: PairArg,
+    #[serde(default = "one_usize")]
+    groups: usize,
+    #[serde(default = "yes")]
+    bias: bool,
+}
+
+fn one_usize() -> usize {
+    1
+}
+
+fn one_pair() -> PairArg {
+    PairArg::One(1)
+}
+
+fn conv2d(a: ConvArgs, ctx: &mut BuildContext) -> Result<Conv2d, NnError> {
+    let padding: Padding2d = match &a.padding {
+        PaddingArg::Size(p) => p.pair().into(),
+        PaddingArg::Named(s) => s.parse()?,
+    };
+    let config = Conv2dConfig {
+        stride: a.stride.pair(),
+        padding,
+        dilation: a.dilation.pair(),
+        groups: a.groups,
+        bias: a.bias,
+    };
+    check_conv(&a)?;
+    Ok(Conv2d::with_config(
+        a.in_channels,
+        a.out_channels,
+        a.kernel_size.pair(),
+        config,
+        ctx.rng(),
+    ))
+}
+
+fn conv1d(a: ConvArgs, ctx: &mut BuildContext) -> Result<Conv1d, NnError> {
+    let one_dim = |p: &PairArg, what: &str| match *p {
+        PairArg::One(v) => Ok(v),
+        PairArg::Two(_) => Err(bad(format!("conv1d: {what} takes one size"))),
+    };
+    let padding: Padding1d = match &a.padding {
+        PaddingArg::Size(p) => one_dim(p, "padding")?.into(),
+        PaddingArg::Named(s) => s.parse()?,
+    };
+    let config = Conv1dConfig::default()
+        .stride(one_dim(&a.stride, "stride")?)
+        .padding(padding)
+        .dilation(one_dim(&a.dilation, "dilation")?)
+        .groups(a.groups)
+        .bias(a.bias);
+    check_conv(&a)?;
+    Ok(Conv1d::with_config(
+        a.in_channels,
+        a.out_channels,
+        one_dim(&a.kernel_size, "kernel_size")?,
+        config,
+        ctx.rng(),
+    ))
+}
+
+/// The checks the layer constructors would otherwise panic on.
+fn check_conv(a: &ConvArgs) -> Result<(), NnError> {
+    let (kh, kw) = a.kernel_size.pair();
+    let (sh, sw) = a.stride.pair();
+    let (dh, dw) = a.dilation.pair();
+    if a.in_channels == 0 || a.out_channels == 0 || kh * kw * sh * sw * dh * dw == 0 {
+        return Err(bad(
+            "conv: channels, kernel_size, stride and dilation must be positive".into(),
+        ));
+    }
+    if a.groups == 0
+        || !a.in_channels.is_multiple_of(a.groups)
+        || !a.out_channels.is_multiple_of(a.groups)
+    {
+        return Err(bad(format!(
+            "conv: groups = {} must divide in_channels = {} and out_channels = {}",
+            a.groups, a.in_channels, a.out_channels
+        )));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RnnArgs {
+    input_size: usize,
+    hidden_size: usize,
+    #[serde(default = "one_usize")]
+    num_layers: usize,
+    #[serde(default = "yes")]
+    bias: bool,
+    #[serde(default = "yes")]
+    batch_first: bool,
+    #[serde(default)]
+    dropout: f64,
+    #[serde(default)]
+    bidirectional: bool,
+}
+
+impl RnnArgs {
+    fn config(&self) -> RnnConfig {
+        RnnConfig {
+            num_layers: self.num_layers,
+            bias: self.bias,
+            batch_first: self.batch_first,
+            dropout: self.dropout,
+            bidirectional: self.bidirectional,
+            ..RnnConfig::default()
+        }
+    }
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
