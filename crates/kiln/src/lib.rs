@@ -3,6 +3,7 @@
 //! `use kiln::prelude::*;` brings in everything a model script needs.
 
 pub use kiln_core as core;
+pub use kiln_data as data;
 pub use kiln_nn as nn;
 
 /// The names most programs need.
@@ -11,6 +12,7 @@ pub mod prelude {
         enable_grad, gradcheck, no_grad, with_no_grad, CustomOp, DType, Device, GradFn, Infer, Rng,
         Shape, Tensor,
     };
+    pub use kiln_data::{datasets, DataLoader, Normalize, Split, TensorDataset};
     pub use kiln_nn::loss::{self, Loss, Reduction};
     pub use kiln_nn::optim::Optimizer;
     pub use kiln_nn::registry::{registry, BuildContext, Registry, TrainSpec, Training};
