@@ -9,6 +9,7 @@ pub mod index;
 pub mod inplace;
 pub mod kernels;
 pub mod matmul;
+pub mod pool;
 pub mod pow;
 pub mod reduce;
 pub mod reduce_extrema;
