@@ -4,16 +4,18 @@
 //!
 //! ```
 //! use kiln_core::Tensor;
-//! use kiln_nn::{Forward, Module, Sequential};
+//! use kiln_nn::{Forward, Module, Sequential, Visitor};
 //! use kiln_nn::registry::registry;
 //! use serde::Deserialize;
 //!
-//! /// `x · sigmoid(β x)`.
-//! #[derive(Module, Deserialize)]
+//! /// `x · sigmoid(β x)` (in user crates, `#[derive(Module)]` with `#[module(skip)] beta`).
+//! #[derive(Deserialize)]
 //! #[serde(deny_unknown_fields)]
 //! struct Swish {
-//!     #[module(skip)]
 //!     beta: f64,
+//! }
+//! impl Module for Swish {
+//!     fn visit(&self, _: &mut Visitor) {}
 //! }
 //! impl Forward for Swish {
 //!     fn forward(&self, x: &Tensor) -> Tensor {
