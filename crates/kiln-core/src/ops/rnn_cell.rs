@@ -122,9 +122,7 @@ fn par_rows3<T: Send>(
     }
     use rayon::prelude::*;
     install(|| {
-        parts
-            .into_par_iter()
-            .for_each(|(r, a, b, c)| f(r, a, b, c));
+        parts.into_par_iter().for_each(|(r, a, b, c)| f(r, a, b, c));
     });
 }
 
@@ -272,7 +270,7 @@ impl GradFn for LstmCellBackward {
         });
         vec![
             inputs[0].tracks_grad().then(|| dpre.clone()),
-            inputs[1].tracks_grad().then(|| dpre),
+            inputs[1].tracks_grad().then_some(dpre),
             inputs[2].tracks_grad().then_some(dc),
         ]
     }
