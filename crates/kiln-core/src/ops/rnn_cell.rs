@@ -270,7 +270,7 @@ impl GradFn for LstmCellBackward {
         });
         vec![
             inputs[0].tracks_grad().then(|| dpre.clone()),
-            inputs[1].tracks_grad().then(|| dpre),
+            inputs[1].tracks_grad().then_some(dpre),
             inputs[2].tracks_grad().then_some(dc),
         ]
     }
