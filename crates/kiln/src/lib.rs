@@ -18,8 +18,11 @@ pub mod prelude {
     pub use kiln_nn::registry::{registry, BuildContext, Registry, TrainSpec, Training};
     pub use kiln_nn::scheduler::Scheduler;
     pub use kiln_nn::{
-        seq, Adam, AdamW, Buffer, Dropout, Embedding, Flatten, Forward, Gelu, Layer, LayerNorm,
-        Linear, LoadMode, Module, ModuleExt, Param, Relu, RmsNorm, Sequential, Sgd, Sigmoid, Silu,
-        Softmax, Tanh, TrainFlag,
+        seq, Adam, AdamW, AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, Buffer, Conv1d,
+        Conv1dConfig, Conv2d, Conv2dConfig, Dropout, Embedding, Flatten, Forward, Gelu, Gru, Layer,
+        LayerNorm, Linear, LoadMode, Lstm, MaxPool2d, MhaConfig, MhaOptions, Module, ModuleExt,
+        MultiheadAttention, Param, Relu, RmsNorm, RnnConfig, Sequential, Sgd, Sigmoid, Silu,
+        Softmax, Tanh, TrainFlag, TransformerEncoder, TransformerEncoderLayer,
+        TransformerEncoderLayerConfig,
     };
 }

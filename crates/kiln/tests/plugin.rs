@@ -101,12 +101,16 @@ fn every_builtin_layer_builds_by_name_and_by_torch_name() {
     assert_eq!(
         reg.layer_names(),
         [
+            "conv1d",
+            "conv2d",
             "dropout",
             "embedding",
             "flatten",
             "gelu",
+            "gru",
             "layer_norm",
             "linear",
+            "lstm",
             "relu",
             "rms_norm",
             "sigmoid",
@@ -118,6 +122,7 @@ fn every_builtin_layer_builds_by_name_and_by_torch_name() {
     let x = Tensor::randn([2, 3, 4], 1);
     // (name, torch name, args, input, output dims)
     let ids = Tensor::from_vec(vec![1i64, 0, 4], [3]);
+    let img = Tensor::randn([1, 2, 5, 5], 2);
     let cases: Vec<(&str, &str, &str, &Tensor, Vec<usize>)> = vec![
         ("linear", "Linear", "in = 4\nout = 5", &x, vec![2, 3, 5]),
         (
@@ -149,6 +154,34 @@ fn every_builtin_layer_builds_by_name_and_by_torch_name() {
         ("tanh", "Tanh", "", &x, vec![2, 3, 4]),
         ("sigmoid", "Sigmoid", "", &x, vec![2, 3, 4]),
         ("softmax", "Softmax", "dim = -1", &x, vec![2, 3, 4]),
+        (
+            "conv1d",
+            "Conv1d",
+            "in_channels = 3\nout_channels = 2\nkernel_size = 3\npadding = \"same\"",
+            &x,
+            vec![2, 2, 4],
+        ),
+        (
+            "conv2d",
+            "Conv2d",
+            "in = 2\nout = 6\nkernel_size = [1, 3]\nstride = 2\npadding = [0, 1]\ngroups = 2",
+            &img,
+            vec![1, 6, 3, 3],
+        ),
+        (
+            "lstm",
+            "LSTM",
+            "input_size = 4\nhidden_size = 5\nbidirectional = true",
+            &x,
+            vec![2, 3, 10],
+        ),
+        (
+            "gru",
+            "GRU",
+            "input_size = 4\nhidden_size = 5\nnum_layers = 2",
+            &x,
+            vec![2, 3, 5],
+        ),
     ];
     assert_eq!(cases.len(), reg.layer_names().len());
     for (name, torch_name, args, input, dims) in cases {

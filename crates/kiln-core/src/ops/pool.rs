@@ -537,14 +537,7 @@ impl Divisor {
 }
 
 /// Average pooling of one plane (dense windows; empty windows give 0 like torch).
-fn avg_plane<T: Float>(
-    x: &[T],
-    w: usize,
-    rows: &[Win],
-    cols: &[Win],
-    div: Divisor,
-    out: &mut [T],
-) {
+fn avg_plane<T: Float>(x: &[T], w: usize, rows: &[Win], cols: &[Win], div: Divisor, out: &mut [T]) {
     let ow = cols.len();
     for (oy, r) in rows.iter().enumerate() {
         for (o, c) in out[oy * ow..(oy + 1) * ow].iter_mut().zip(cols) {
@@ -623,15 +616,22 @@ impl GradFn for MaxPoolBackward {
             let mut gi = Buffer::<T>::uninit(x.elem_count());
             let mut unit = vec![(); gi.len().checked_div(self.plane_in).unwrap_or(0)];
             let (pi, po) = (self.plane_in, self.plane_out);
-            par_planes(gi.len() + gv.len(), &mut gi, pi, &mut unit, 1, |p, gi, _| {
-                gi.fill(T::default());
-                let idx = &self.idx[p * po..(p + 1) * po];
-                for (&i, &v) in idx.iter().zip(&gv[p * po..(p + 1) * po]) {
-                    if i != NO_INDEX {
-                        gi[i as usize] += v;
+            par_planes(
+                gi.len() + gv.len(),
+                &mut gi,
+                pi,
+                &mut unit,
+                1,
+                |p, gi, _| {
+                    gi.fill(T::default());
+                    let idx = &self.idx[p * po..(p + 1) * po];
+                    for (&i, &v) in idx.iter().zip(&gv[p * po..(p + 1) * po]) {
+                        if i != NO_INDEX {
+                            gi[i as usize] += v;
+                        }
                     }
-                }
-            });
+                },
+            );
             <T as crate::Element>::into_storage(gi)
         });
         drop(guard);
@@ -732,10 +732,17 @@ impl GradFn for AvgPoolBackward {
             let gv = &typed_slice!(guard, T, self.name)[g.layout().contiguous_range().unwrap()];
             let mut gi = Buffer::<T>::uninit(x.elem_count());
             let mut unit = vec![(); gi.len().checked_div(plane_in).unwrap_or(0)];
-            par_planes(gi.len() + gv.len(), &mut gi, plane_in, &mut unit, 1, |p, gi, _| {
-                let gp = &gv[p * plane_out..(p + 1) * plane_out];
-                avg_plane_backward(gp, self.w, &self.rows, &self.cols, self.div, gi);
-            });
+            par_planes(
+                gi.len() + gv.len(),
+                &mut gi,
+                plane_in,
+                &mut unit,
+                1,
+                |p, gi, _| {
+                    let gp = &gv[p * plane_out..(p + 1) * plane_out];
+                    avg_plane_backward(gp, self.w, &self.rows, &self.cols, self.div, gi);
+                },
+            );
             <T as crate::Element>::into_storage(gi)
         });
         drop(guard);
@@ -801,7 +808,10 @@ fn avg_pool2d_impl(x: &Tensor, o: AvgPool2dOptions, op: &'static str, shown: &Sh
     );
     let div = match o.divisor_override {
         Some(d) => {
-            assert!(d > 0, "{op}: divisor_override must be non-zero (input shape {shown})");
+            assert!(
+                d > 0,
+                "{op}: divisor_override must be non-zero (input shape {shown})"
+            );
             Divisor::Fixed(d)
         }
         None if o.count_include_pad => Divisor::Padded,
@@ -962,7 +972,13 @@ mod tests {
             .fold(0.0, f64::max)
     }
 
-    type Cfg = ((usize, usize), (usize, usize), (usize, usize), (usize, usize), bool);
+    type Cfg = (
+        (usize, usize),
+        (usize, usize),
+        (usize, usize),
+        (usize, usize),
+        bool,
+    );
 
     fn configs() -> Vec<Cfg> {
         vec![
@@ -1003,8 +1019,7 @@ mod tests {
                         .padding(p)
                         .ceil_mode(ceil)
                         .count_include_pad(include);
-                    let (want, _, oh, ow) =
-                        reference(&xv, geo, k, s, p, d, ceil, false, include);
+                    let (want, _, oh, ow) = reference(&xv, geo, k, s, p, d, ceil, false, include);
                     let got = x.avg_pool2d(o);
                     assert_eq!(got.dims(), &[2, 3, oh, ow], "{o:?}");
                     assert!(max_diff(&got.to_vec::<f64>(), &want) < 1e-12, "{o:?}");
@@ -1015,7 +1030,8 @@ mod tests {
         }
         // divisor_override divides every window by the given number.
         let got = x.avg_pool2d(AvgPool2dOptions::new(3).padding(1).divisor_override(4));
-        let (sum9, _, _, _) = reference(&xv, geo, (3, 3), (3, 3), (1, 1), (1, 1), false, false, true);
+        let (sum9, _, _, _) =
+            reference(&xv, geo, (3, 3), (3, 3), (1, 1), (1, 1), false, false, true);
         let want: Vec<f64> = sum9.iter().map(|v| v * 9.0 / 4.0).collect();
         assert!(max_diff(&got.to_vec::<f64>(), &want) < 1e-12);
     }
@@ -1094,7 +1110,9 @@ mod tests {
 
     #[test]
     fn ties_go_to_the_first_maximum_and_nan_propagates() {
-        let x = Tensor::ones([1, 1, 3, 3]).to_dtype(DType::F64).requires_grad();
+        let x = Tensor::ones([1, 1, 3, 3])
+            .to_dtype(DType::F64)
+            .requires_grad();
         let y = x.max_pool2d(MaxPool2dOptions::new(2).stride(1));
         y.sum_all().backward();
         // Windows start at (0,0), (0,1), (1,0), (1,1): each takes its top-left element.
@@ -1137,7 +1155,10 @@ mod tests {
             .unwrap();
         }
         let x1 = randn_f64(&[9, 2, 3], 6).requires_grad();
-        let o = MaxPool1dOptions::new(3).stride(2).padding(1).ceil_mode(true);
+        let o = MaxPool1dOptions::new(3)
+            .stride(2)
+            .padding(1)
+            .ceil_mode(true);
         gradcheck(|t| t[0].permute(&[1, 2, 0]).max_pool1d(o), &[x1.clone()]).unwrap();
         let o = AvgPool1dOptions::new(4)
             .stride(3)
@@ -1154,7 +1175,10 @@ mod tests {
             .requires_grad();
         let xv = x.to_vec::<f64>();
         let geo = (64, 40, 40);
-        let o = MaxPool2dOptions::new(3).stride(2).padding(1).ceil_mode(true);
+        let o = MaxPool2dOptions::new(3)
+            .stride(2)
+            .padding(1)
+            .ceil_mode(true);
         let (want, _, _, _) = reference(&xv, geo, (3, 3), (2, 2), (1, 1), (1, 1), true, true, true);
         let y = x.max_pool2d(o);
         assert_eq!(max_diff(&y.to_vec::<f64>(), &want), 0.0);
@@ -1196,19 +1220,25 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "avg_pool2d: output size (0, 2) is too small for input shape [1, 2, 2, 5]")]
+    #[should_panic(
+        expected = "avg_pool2d: output size (0, 2) is too small for input shape [1, 2, 2, 5]"
+    )]
     fn output_size_below_one_panics() {
         let _ = Tensor::zeros([1, 2, 2, 5]).avg_pool2d(AvgPool2dOptions::new(3).stride(2));
     }
 
     #[test]
-    #[should_panic(expected = "max_pool1d: expected a batched or unbatched input ([N, C, L] or [C, L]), got shape [4]")]
+    #[should_panic(
+        expected = "max_pool1d: expected a batched or unbatched input ([N, C, L] or [C, L]), got shape [4]"
+    )]
     fn wrong_rank_panics_1d() {
         let _ = Tensor::zeros([4]).max_pool1d(MaxPool1dOptions::new(2));
     }
 
     #[test]
-    #[should_panic(expected = "adaptive_avg_pool2d: expected a batched or unbatched input ([N, C, H, W] or [C, H, W]), got shape [3, 4]")]
+    #[should_panic(
+        expected = "adaptive_avg_pool2d: expected a batched or unbatched input ([N, C, H, W] or [C, H, W]), got shape [3, 4]"
+    )]
     fn wrong_rank_panics_2d() {
         let _ = Tensor::zeros([3, 4]).adaptive_avg_pool2d(2);
     }

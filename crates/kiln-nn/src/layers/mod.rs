@@ -3,24 +3,28 @@
 
 mod activation;
 mod attention;
+mod batchnorm;
 mod conv;
 mod dropout;
 mod embedding;
 mod flatten;
 mod linear;
 mod norm;
+mod pool;
 mod rnn;
 mod sequential;
 mod transformer;
 
 pub use activation::{Gelu, GeluApprox, Relu, Sigmoid, Silu, Softmax, Tanh};
 pub use attention::{scaled_dot_product_attention, MhaConfig, MhaOptions, MultiheadAttention};
+pub use batchnorm::{batch_norm, BatchNorm1d, BatchNorm2d, BatchNormConfig};
 pub use conv::{Conv1d, Conv1dConfig, Conv2d, Conv2dConfig, Padding1d, Padding2d};
 pub use dropout::Dropout;
 pub use embedding::Embedding;
 pub use flatten::Flatten;
 pub use linear::{Linear, LinearConfig};
 pub use norm::{layer_norm, rms_norm, LayerNorm, NormConfig, RMSNorm, RmsNorm};
+pub use pool::{AdaptiveAvgPool2d, AvgPool1d, AvgPool2d, MaxPool1d, MaxPool2d};
 pub use rnn::{Gru, Lstm, Rnn, RnnConfig, RnnNonlinearity, GRU, LSTM, RNN};
 pub use sequential::{Layer, Sequential};
 pub use transformer::{
