@@ -143,7 +143,7 @@ def main():
     pool_case("max1d_pad_ceil", "max1d", nn.MaxPool1d(3, 2, 1, ceil_mode=True), x3,
               {"kernel": 3, "stride": 2, "padding": 1, "dilation": 1, "ceil_mode": True})
     pool_case("max1d_dilation_unbatched", "max1d", nn.MaxPool1d(3, 1, 1, dilation=3), x3[0],
-              {"kernel": 3, "stride": None, "padding": 1, "dilation": 3, "ceil_mode": False})
+              {"kernel": 3, "stride": 1, "padding": 1, "dilation": 3, "ceil_mode": False})
     pool_case("avg1d_exclude", "avg1d", nn.AvgPool1d(4, 3, 2, True, False), x3,
               {"kernel": 4, "stride": 3, "padding": 2, "ceil_mode": True, "count_include_pad": False})
     pool_case("avg1d_basic", "avg1d", nn.AvgPool1d(2), x3,

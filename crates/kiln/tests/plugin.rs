@@ -811,7 +811,7 @@ fn unknown_names_list_the_known_ones_and_suggest_the_closest() {
         &msg,
         &[
             "layer 1: unknown layer `lienar` (did you mean `linear`?)",
-            "known layers: dropout, embedding, flatten, gelu, layer_norm, linear, relu",
+            "known layers: conv1d, conv2d, dropout, embedding, flatten, gelu, gru, layer_norm, linear, lstm, relu",
         ],
     );
     let msg = err_of(reg.build_optimizer("adamm", toml::Table::new(), vec![]));

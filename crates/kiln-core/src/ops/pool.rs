@@ -1159,7 +1159,11 @@ mod tests {
             .stride(2)
             .padding(1)
             .ceil_mode(true);
-        gradcheck(|t| t[0].permute(&[1, 2, 0]).max_pool1d(o), &[x1.clone()]).unwrap();
+        gradcheck(
+            |t| t[0].permute(&[1, 2, 0]).max_pool1d(o),
+            std::slice::from_ref(&x1),
+        )
+        .unwrap();
         let o = AvgPool1dOptions::new(4)
             .stride(3)
             .padding(2)

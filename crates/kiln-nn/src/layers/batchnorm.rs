@@ -808,8 +808,8 @@ mod tests {
         let cma = BatchNorm1d::with_config(3, BatchNormConfig::default().momentum(None));
         let x1 = randn_f64(&[6, 3, 4], 4).add_scalar(1.0);
         let x2 = randn_f64(&[6, 3, 4], 5).mul_scalar(3.0);
-        cma.forward(&x1);
-        cma.forward(&x2);
+        cma.forward(&x1.to_dtype(DType::F32));
+        cma.forward(&x2.to_dtype(DType::F32));
         let d = [0usize, 2];
         let want_m = x1.mean(d, false).add(&x2.mean(d, false)).mul_scalar(0.5);
         let want_v = x1
@@ -895,7 +895,11 @@ mod tests {
         let bn1 = BatchNorm1d::from_weights(randn_f64(&[4], 4), randn_f64(&[4], 5), cfg);
         gradcheck_module(&bn1, &randn_f64(&[5, 4], 6).requires_grad()).unwrap();
         let xt = randn_f64(&[3, 4, 6], 7).requires_grad();
-        gradcheck(|t| bn1.forward(&t[0].transpose(0, 2)), &[xt.clone()]).unwrap();
+        gradcheck(
+            |t| bn1.forward(&t[0].transpose(0, 2)),
+            std::slice::from_ref(&xt),
+        )
+        .unwrap();
         gradcheck(
             |t| {
                 batch_norm(
@@ -909,7 +913,7 @@ mod tests {
                     1e-3,
                 )
             },
-            &[xt.clone()],
+            std::slice::from_ref(&xt),
         )
         .unwrap();
         bn1.eval();
