@@ -9,7 +9,11 @@
 //! - `add_f32_16M`, `exp_f32_16M`, `gelu_f32_16M`: elementwise add, exp and GELU (erf form) of
 //!   2^24 f32;
 //! - `mlp_adam_step_b64`: one training step of an MLP 784-256-256-10 (ReLU) on a batch of 64:
-//!   forward, cross-entropy, backward, Adam update, zero_grad.
+//!   forward, cross-entropy, backward, Adam update, zero_grad;
+//! - `conv2d_1x32_28_b64`, `conv2d_32x64_14_b64`: the two convolutions of the Fashion-MNIST CNN
+//!   (3×3, padding 1, with bias) on a batch of 64, forward and backward of the output's sum:
+//!   1→32 channels at 28×28 (weight and bias grads), then 32→64 at 14×14 (input, weight and bias
+//!   grads, as for a hidden layer).
 //!
 //! Each is warmed up, then timed `reps` times; the median is reported.
 
@@ -181,6 +185,41 @@ fn main() {
                 reps,
                 flops: None,
             });
+        }
+    }
+    {
+        // (name, in channels, out channels, side, input needs a gradient)
+        let convs = [
+            ("conv2d_1x32_28_b64", 1, 32, 28, false),
+            ("conv2d_32x64_14_b64", 32, 64, 14, true),
+        ];
+        for (name, cin, cout, side, input_grad) in convs {
+            let x = Tensor::randn([64, cin, side, side], 4);
+            let x = if input_grad { x.requires_grad() } else { x };
+            let w = (Tensor::randn([cout, cin, 3, 3], 5) * 0.1).requires_grad();
+            let bias = Tensor::zeros([cout]).requires_grad();
+            let flops = 3.0 * 2.0 * (64 * cout * side * side * cin * 9) as f64;
+            let inner = if quick { 2 } else { 10 };
+            for &t in &threads {
+                set_num_threads(t);
+                let (median_s, min_s) = time(2, reps, inner, || {
+                    for _ in 0..inner {
+                        let y = x.conv2d(&w, Some(&bias), Conv2dOptions::default().padding(1));
+                        y.sum_all().backward();
+                        for p in [&x, &w, &bias] {
+                            p.zero_grad();
+                        }
+                    }
+                });
+                results.push(Result {
+                    name: name.into(),
+                    threads: t,
+                    median_s,
+                    min_s,
+                    reps,
+                    flops: Some(flops),
+                });
+            }
         }
     }
     set_num_threads(0);

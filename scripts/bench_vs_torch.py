@@ -165,6 +165,24 @@ def run_torch(args):
         med, mn = timed(2, reps, inner, mlp_steps)
         results.append(dict(name="mlp_adam_step_b64", threads=t, median_s=med, min_s=mn,
                             reps=reps, gflops=None))
+    # The two convolutions of the Fashion-MNIST CNN, forward + backward (as in bench_core).
+    convs = [("conv2d_1x32_28_b64", 1, 32, 28, False), ("conv2d_32x64_14_b64", 32, 64, 14, True)]
+    for name, cin, cout, side, input_grad in convs:
+        x = torch.randn(64, cin, side, side, requires_grad=input_grad)
+        w = (torch.randn(cout, cin, 3, 3) * 0.1).requires_grad_()
+        bias = torch.zeros(cout, requires_grad=True)
+        inner = 2 if args.quick else 10
+
+        def conv_steps():
+            for _ in range(inner):
+                torch.nn.functional.conv2d(x, w, bias, padding=1).sum().backward()
+                x.grad = w.grad = bias.grad = None
+
+        for t in args.threads:
+            torch.set_num_threads(t)
+            med, mn = timed(2, reps, inner, conv_steps)
+            results.append(dict(name=name, threads=t, median_s=med, min_s=mn, reps=reps,
+                                gflops=3 * 2 * 64 * cout * side * side * cin * 9 / med / 1e9))
     return dict(framework="torch", version=torch.__version__, results=results)
 
 

@@ -9,8 +9,8 @@ pub use kiln_nn as nn;
 /// The names most programs need.
 pub mod prelude {
     pub use kiln_core::{
-        enable_grad, gradcheck, no_grad, with_no_grad, CustomOp, DType, Device, GradFn, Infer, Rng,
-        Shape, Tensor,
+        enable_grad, gradcheck, no_grad, with_no_grad, Conv1dOptions, Conv2dOptions, CustomOp,
+        DType, Device, GradFn, Infer, Rng, Shape, Tensor,
     };
     pub use kiln_data::{datasets, DataLoader, Normalize, Split, TensorDataset};
     pub use kiln_nn::loss::{self, Loss, Reduction};

