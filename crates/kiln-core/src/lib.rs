@@ -23,6 +23,7 @@ pub use gradcheck::{gradcheck, gradcheck_with, GradcheckOptions};
 pub use layout::Layout;
 pub use ops::conv::{Conv1dOptions, Conv2dOptions, IntoPair};
 pub use ops::pool::{AvgPool1dOptions, AvgPool2dOptions, MaxPool1dOptions, MaxPool2dOptions};
+pub use ops::qmatmul::{QMatrix, QType};
 pub use ops::view::Infer;
 pub use rng::Rng;
 pub use shape::{Dim, Dims, Shape};

@@ -349,6 +349,12 @@ fn batch_count(t: &Tensor) -> usize {
 
 struct MatmulBackward;
 
+/// A rank-2 view whose columns are contiguous (`w.t()` of a row-major `w`): its gradient is
+/// computed transposed, so that it reaches `w` row-major and is accumulated without a copy.
+fn is_transposed_matrix(t: &Tensor) -> bool {
+    t.rank() == 2 && !t.is_contiguous() && t.layout().strides() == [1, t.dim(0)]
+}
+
 impl GradFn for MatmulBackward {
     fn name(&self) -> &'static str {
         "matmul"
@@ -415,7 +421,13 @@ impl GradFn for MatmulBackward {
                 ));
                 let af = a_full.reshape([count * m, k]);
                 let gf = g2.reshape([count * m, n]);
-                af.t().matmul(&gf).reshape(b.shape())
+                if is_transposed_matrix(b) {
+                    gf.t().matmul(&af).t()
+                } else {
+                    af.t().matmul(&gf).reshape(b.shape())
+                }
+            } else if count == 1 && is_transposed_matrix(b) && a2.rank() == 2 {
+                g2.t().matmul(&a2).t()
             } else {
                 a2.t().matmul(&g2).sum_to(b2.shape()).reshape(b.shape())
             }

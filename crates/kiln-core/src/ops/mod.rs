@@ -11,6 +11,7 @@ pub mod kernels;
 pub mod matmul;
 pub mod pool;
 pub mod pow;
+pub mod qmatmul;
 pub mod reduce;
 pub mod reduce_extrema;
 pub mod rnn_cell;

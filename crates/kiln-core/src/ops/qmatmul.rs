@@ -1,0 +1,930 @@
+//! Products with block-quantised weight matrices (ggml's `Q8_0`, `Q4_0` and `Q4_1` layouts), kept
+//! quantised in memory: `x · Wᵀ` as a linear layer computes it, for LLM inference and for
+//! fine-tuning adapters on a frozen quantised base (the gradient flows to `x`).
+//!
+//! Two ways to take the product:
+//! - [`Tensor::qmatmul`]: f32 activations. One row of `x` is dotted with each weight block
+//!   decoded in registers; from [`DEQUANT_GEMM_ROWS`] rows of `x` on, tiles of `W` are decoded
+//!   to f32 once and multiplied with gemm. Equal to `x · dequantize(W)ᵀ` up to f32 rounding.
+//! - [`Tensor::qmatmul_q8`]: the activations are quantised too (per block of 32, to 8 bits, as
+//!   llama.cpp does) and the block dot products are integer ones: faster, slightly less exact.
+
+use super::matmul::gemm_into;
+use crate::alloc::Buffer;
+use crate::autograd::GradFn;
+use crate::parallel::{self, PARALLEL_THRESHOLD};
+use crate::vmath::{isa, Isa};
+use crate::{DType, Element, Layout, Shape, Tensor};
+use gemm::Parallelism;
+use std::fmt;
+use std::sync::Arc;
+
+/// Values per quantisation block (all supported types).
+pub const QK: usize = 32;
+
+/// From this many rows of `x` on, [`Tensor::qmatmul`] decodes weight tiles and uses gemm.
+pub const DEQUANT_GEMM_ROWS: usize = 8;
+
+/// Weight rows decoded at once on the gemm path.
+const TILE_ROWS: usize = 64;
+
+/// A block-quantisation format (ggml's layouts, little-endian).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QType {
+    /// f16 scale `d`, 32 × i8 `q`: `d·q`.
+    Q8_0,
+    /// f16 scale `d`, 16 bytes of nibbles: `d·(q − 8)`; low nibbles are values 0..16.
+    Q4_0,
+    /// f16 scale `d`, f16 minimum `m`, 16 bytes of nibbles: `d·q + m`.
+    Q4_1,
+}
+
+impl QType {
+    /// Bytes of one block of [`QK`] values.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QType::Q8_0 => 34,
+            QType::Q4_0 => 18,
+            QType::Q4_1 => 20,
+        }
+    }
+}
+
+impl fmt::Display for QType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            QType::Q8_0 => "Q8_0",
+            QType::Q4_0 => "Q4_0",
+            QType::Q4_1 => "Q4_1",
+        })
+    }
+}
+
+/// IEEE half-precision bits to f32 (exact; subnormals, infinities and NaN included).
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h as u32) & 0x8000) << 16;
+    let exp = (h >> 10) & 0x1f;
+    let mant = (h & 0x3ff) as u32;
+    let bits = match (exp, mant) {
+        (0, 0) => sign,
+        (0, _) => {
+            // Subnormal: value = mant · 2^-24, exact in f32.
+            let v = mant as f32 * (1.0 / 16_777_216.0);
+            return if sign != 0 { -v } else { v };
+        }
+        (0x1f, _) => sign | 0x7f80_0000 | (mant << 13),
+        _ => sign | (((exp as u32) + 112) << 23) | (mant << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// f32 to the nearest IEEE half (round to nearest even; overflow to infinity).
+pub fn f32_to_f16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let sign = ((bits >> 16) & 0x8000) as u16;
+    let exp = ((bits >> 23) & 0xff) as i32;
+    let mant = bits & 0x7f_ffff;
+    if exp == 0xff {
+        return sign | 0x7c00 | if mant != 0 { 0x200 } else { 0 };
+    }
+    let e = exp - 127 + 15;
+    if e >= 0x1f {
+        return sign | 0x7c00;
+    }
+    if e <= 0 {
+        if e < -10 {
+            return sign;
+        }
+        let m = mant | 0x80_0000;
+        let shift = (14 - e) as u32;
+        let half = 1u32 << (shift - 1);
+        let rest = m & ((1 << shift) - 1);
+        let mut r = m >> shift;
+        if rest > half || (rest == half && r & 1 == 1) {
+            r += 1;
+        }
+        return sign | r as u16;
+    }
+    let mut r = ((e as u32) << 10) | (mant >> 13);
+    let rest = mant & 0x1fff;
+    if rest > 0x1000 || (rest == 0x1000 && r & 1 == 1) {
+        r += 1; // may carry into the exponent, which is the correct rounding
+    }
+    sign | r as u16
+}
+
+fn half_at(b: &[u8], i: usize) -> f32 {
+    f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
+}
+
+/// A `rows × cols` weight matrix stored block-quantised, row by row (`cols / 32` blocks each).
+/// The bytes may be owned or borrowed from a memory map (anything `AsRef<[u8]>`).
+#[derive(Clone)]
+pub struct QMatrix {
+    ty: QType,
+    rows: usize,
+    cols: usize,
+    bytes: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    offset: usize,
+}
+
+impl fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "QMatrix({} {}×{})", self.ty, self.rows, self.cols)
+    }
+}
+
+impl QMatrix {
+    /// Wraps `len` bytes at `offset` of `bytes` as a `rows × cols` matrix of type `ty`; an error
+    /// says what does not fit (cols not a multiple of 32, too few bytes).
+    pub fn from_bytes(
+        ty: QType,
+        rows: usize,
+        cols: usize,
+        bytes: Arc<dyn AsRef<[u8]> + Send + Sync>,
+        offset: usize,
+    ) -> Result<QMatrix, String> {
+        if cols == 0 || !cols.is_multiple_of(QK) {
+            return Err(format!(
+                "{ty} matrix: {cols} columns is not a positive multiple of {QK}"
+            ));
+        }
+        let need = rows
+            .checked_mul(cols / QK)
+            .and_then(|b| b.checked_mul(ty.block_bytes()))
+            .ok_or_else(|| format!("{ty} matrix {rows}×{cols}: size overflows"))?;
+        let have = (*bytes).as_ref().len();
+        if offset.checked_add(need).is_none_or(|end| end > have) {
+            return Err(format!(
+                "{ty} matrix {rows}×{cols} needs {need} bytes at offset {offset}, the buffer has {have}"
+            ));
+        }
+        Ok(QMatrix {
+            ty,
+            rows,
+            cols,
+            bytes,
+            offset,
+        })
+    }
+
+    /// Quantises a 2-D f32/f64 tensor `[rows, cols]` the way ggml does (round to nearest).
+    pub fn quantize(ty: QType, w: &Tensor) -> QMatrix {
+        assert!(
+            w.rank() == 2 && w.dim(1).is_multiple_of(QK) && w.dim(1) > 0,
+            "QMatrix::quantize: weight {} must be 2-D with a positive multiple of {QK} columns",
+            w.shape()
+        );
+        let values = w.to_dtype(DType::F32).to_vec::<f32>();
+        let (rows, cols) = (w.dim(0), w.dim(1));
+        let mut out = Vec::with_capacity(rows * cols / QK * ty.block_bytes());
+        for block in values.chunks_exact(QK) {
+            quantize_block(ty, block, &mut out);
+        }
+        QMatrix::from_bytes(ty, rows, cols, Arc::new(out), 0).expect("sizes match")
+    }
+
+    /// The block format.
+    pub fn qtype(&self) -> QType {
+        self.ty
+    }
+
+    /// `[rows, cols]`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// The quantised bytes, row after row.
+    pub fn bytes(&self) -> &[u8] {
+        let len = self.rows * self.row_bytes();
+        &(*self.bytes).as_ref()[self.offset..self.offset + len]
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / QK * self.ty.block_bytes()
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.bytes()[r * rb..(r + 1) * rb]
+    }
+
+    /// Decodes rows `start..start + out.len() / cols` into `out`.
+    fn dequantize_rows(&self, start: usize, out: &mut [f32]) {
+        let bb = self.ty.block_bytes();
+        for (i, dst) in out.chunks_exact_mut(self.cols).enumerate() {
+            for (blk, d) in self
+                .row(start + i)
+                .chunks_exact(bb)
+                .zip(dst.chunks_exact_mut(QK))
+            {
+                dequantize_block(self.ty, blk, d);
+            }
+        }
+    }
+
+    /// Rows `ids` decoded to f32, `[ids.len(), cols]`: an embedding lookup.
+    pub fn gather_rows(&self, ids: &[usize]) -> Tensor {
+        let mut buf = Buffer::<f32>::uninit(ids.len() * self.cols);
+        for (&id, dst) in ids.iter().zip(buf.chunks_exact_mut(self.cols)) {
+            assert!(
+                id < self.rows,
+                "QMatrix::gather_rows: row {id} out of range for a {}×{} matrix",
+                self.rows,
+                self.cols
+            );
+            self.dequantize_rows(id, dst);
+        }
+        Tensor::from_storage(
+            f32::into_storage(buf),
+            Layout::contiguous(Shape::from([ids.len(), self.cols])),
+        )
+    }
+
+    /// A copy with the rows reordered: row `i` of the result is row `order[i]` of `self`.
+    pub fn permute_rows(&self, order: &[usize]) -> QMatrix {
+        assert!(
+            order.len() == self.rows && order.iter().all(|&r| r < self.rows),
+            "QMatrix::permute_rows: order of {} rows for a matrix of {}",
+            order.len(),
+            self.rows
+        );
+        let mut out = Vec::with_capacity(self.bytes().len());
+        for &r in order {
+            out.extend_from_slice(self.row(r));
+        }
+        QMatrix::from_bytes(self.ty, self.rows, self.cols, Arc::new(out), 0).expect("same size")
+    }
+
+    /// The full-precision f32 matrix `[rows, cols]`.
+    pub fn dequantize(&self) -> Tensor {
+        let mut buf = Buffer::<f32>::uninit(self.rows * self.cols);
+        parallel::for_each_chunk(&mut buf, |start, chunk| {
+            // Chunks are multiples of 64 elements, not of rows: decode whole rows that overlap.
+            let first = start / self.cols;
+            let last = (start + chunk.len()).div_ceil(self.cols);
+            let mut rows = vec![0f32; (last - first) * self.cols];
+            self.dequantize_rows(first, &mut rows);
+            let skip = start - first * self.cols;
+            chunk.copy_from_slice(&rows[skip..skip + chunk.len()]);
+        });
+        Tensor::from_storage(
+            f32::into_storage(buf),
+            Layout::contiguous(Shape::from([self.rows, self.cols])),
+        )
+    }
+}
+
+/// Appends one quantised block of 32 values to `out`.
+fn quantize_block(ty: QType, x: &[f32], out: &mut Vec<u8>) {
+    match ty {
+        QType::Q8_0 => {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            out.extend_from_slice(&f32_to_f16(d).to_le_bytes());
+            out.extend(x.iter().map(|&v| (v * id).round() as i8 as u8));
+        }
+        QType::Q4_0 => {
+            // The value of largest magnitude maps to -8.
+            let max = x
+                .iter()
+                .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+            let d = max / -8.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            out.extend_from_slice(&f32_to_f16(d).to_le_bytes());
+            let q = |v: f32| ((v * id + 8.5) as i32).min(15) as u8;
+            out.extend((0..16).map(|j| q(x[j]) | (q(x[j + 16]) << 4)));
+        }
+        QType::Q4_1 => {
+            let min = x.iter().copied().fold(f32::INFINITY, f32::min);
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let d = (max - min) / 15.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            out.extend_from_slice(&f32_to_f16(d).to_le_bytes());
+            out.extend_from_slice(&f32_to_f16(min).to_le_bytes());
+            let q = |v: f32| (((v - min) * id + 0.5) as i32).min(15) as u8;
+            out.extend((0..16).map(|j| q(x[j]) | (q(x[j + 16]) << 4)));
+        }
+    }
+}
+
+/// Decodes one block into 32 f32 values.
+fn dequantize_block(ty: QType, b: &[u8], out: &mut [f32]) {
+    let d = half_at(b, 0);
+    match ty {
+        QType::Q8_0 => {
+            for (o, &q) in out.iter_mut().zip(&b[2..34]) {
+                *o = d * (q as i8) as f32;
+            }
+        }
+        QType::Q4_0 => {
+            let qs = &b[2..18];
+            for j in 0..16 {
+                out[j] = d * ((qs[j] & 0xf) as i32 - 8) as f32;
+                out[j + 16] = d * ((qs[j] >> 4) as i32 - 8) as f32;
+            }
+        }
+        QType::Q4_1 => {
+            let m = half_at(b, 2);
+            let qs = &b[4..20];
+            for j in 0..16 {
+                out[j] = d * (qs[j] & 0xf) as f32 + m;
+                out[j + 16] = d * (qs[j] >> 4) as f32 + m;
+            }
+        }
+    }
+}
+
+/// Scale, offset term and where the quants start: value = `d·q + c` for the block's quants `q`
+/// (unsigned nibbles for Q4, signed bytes for Q8).
+fn block_params(ty: QType, b: &[u8]) -> (f32, f32, usize) {
+    let d = half_at(b, 0);
+    match ty {
+        QType::Q8_0 => (d, 0.0, 2),
+        QType::Q4_0 => (d, -8.0 * d, 2),
+        QType::Q4_1 => (d, half_at(b, 2), 4),
+    }
+}
+
+// ------------------------------------------------------------------- f32-activation dots
+
+/// `Σ_j w[j]·x[j]` over one weight row and one f32 row; `xsum[b]` is the sum of block `b` of x.
+fn dot_row_f32(ty: QType, w: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if isa() >= Isa::Avx2 {
+        // SAFETY: AVX2 and FMA are available (checked by `isa`).
+        return unsafe { avx2::dot_row_f32(ty, w, x, xsum) };
+    }
+    let bb = ty.block_bytes();
+    let mut acc = 0f32;
+    for ((blk, xb), &s) in w.chunks_exact(bb).zip(x.chunks_exact(QK)).zip(xsum) {
+        let (d, c, at) = block_params(ty, blk);
+        let mut sum = 0f32;
+        if ty == QType::Q8_0 {
+            for (&q, &v) in blk[at..at + QK].iter().zip(xb) {
+                sum += (q as i8) as f32 * v;
+            }
+        } else {
+            for (j, &q) in blk[at..at + 16].iter().enumerate() {
+                sum += (q & 0xf) as f32 * xb[j] + (q >> 4) as f32 * xb[j + 16];
+            }
+        }
+        acc += d * sum + c * s;
+    }
+    acc
+}
+
+// --------------------------------------------------------------- 8-bit activation dots
+
+/// One row of activations quantised per block: scales, `scale·Σq` per block, and the quants.
+struct Q8Row {
+    d: Vec<f32>,
+    dsum: Vec<f32>,
+    q: Vec<i8>,
+}
+
+fn quantize_row_q8(x: &[f32]) -> Q8Row {
+    let blocks = x.len() / QK;
+    let mut r = Q8Row {
+        d: Vec::with_capacity(blocks),
+        dsum: Vec::with_capacity(blocks),
+        q: Vec::with_capacity(x.len()),
+    };
+    for xb in x.chunks_exact(QK) {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut s = 0i32;
+        for &v in xb {
+            let q = (v * id).round() as i8;
+            s += q as i32;
+            r.q.push(q);
+        }
+        r.d.push(d);
+        r.dsum.push(d * s as f32);
+    }
+    r
+}
+
+/// `Σ_j w[j]·x[j]` with both sides quantised (integer block dot products).
+fn dot_row_q8(ty: QType, w: &[u8], x: &Q8Row) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if isa() >= Isa::Avx2 {
+        // SAFETY: AVX2 and FMA are available (checked by `isa`).
+        return unsafe { avx2::dot_row_q8(ty, w, x) };
+    }
+    let bb = ty.block_bytes();
+    let mut acc = 0f32;
+    for (b, blk) in w.chunks_exact(bb).enumerate() {
+        let (d, c, at) = block_params(ty, blk);
+        let xq = &x.q[b * QK..(b + 1) * QK];
+        let mut sum = 0i32;
+        if ty == QType::Q8_0 {
+            for (&q, &v) in blk[at..at + QK].iter().zip(xq) {
+                sum += (q as i8) as i32 * v as i32;
+            }
+        } else {
+            for (j, &q) in blk[at..at + 16].iter().enumerate() {
+                sum += (q & 0xf) as i32 * xq[j] as i32 + (q >> 4) as i32 * xq[j + 16] as i32;
+            }
+        }
+        acc += d * x.d[b] * sum as f32 + c * x.dsum[b];
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{block_params, Q8Row, QType, QK};
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// The 32 quants of a nibble block as bytes 0..32 (low nibbles, then high nibbles).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        let raw = _mm_loadu_si128(p as *const __m128i);
+        let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+        _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_row_f32(ty: QType, w: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+        let bb = ty.block_bytes();
+        let blocks = w.len() / bb;
+        assert!(x.len() >= blocks * QK && xsum.len() >= blocks);
+        let mut acc = _mm256_setzero_ps();
+        let mut offset_term = 0f32;
+        for b in 0..blocks {
+            let blk = &w[b * bb..(b + 1) * bb];
+            let (d, c, at) = block_params(ty, blk);
+            let q = blk.as_ptr().add(at);
+            let xp = x.as_ptr().add(b * QK);
+            let (q0, q1, q2, q3) = if ty == QType::Q8_0 {
+                let lo = _mm_loadu_si128(q as *const __m128i);
+                let hi = _mm_loadu_si128(q.add(16) as *const __m128i);
+                (
+                    _mm256_cvtepi8_epi32(lo),
+                    _mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)),
+                    _mm256_cvtepi8_epi32(hi),
+                    _mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)),
+                )
+            } else {
+                let n = nibbles(q);
+                let lo = _mm256_castsi256_si128(n);
+                let hi = _mm256_extracti128_si256(n, 1);
+                (
+                    _mm256_cvtepu8_epi32(lo),
+                    _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
+                    _mm256_cvtepu8_epi32(hi),
+                    _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)),
+                )
+            };
+            let mut s = _mm256_mul_ps(_mm256_cvtepi32_ps(q0), _mm256_loadu_ps(xp));
+            s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), _mm256_loadu_ps(xp.add(8)), s);
+            s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q2), _mm256_loadu_ps(xp.add(16)), s);
+            s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q3), _mm256_loadu_ps(xp.add(24)), s);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
+            offset_term += c * xsum[b];
+        }
+        hsum(acc) + offset_term
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_row_q8(ty: QType, w: &[u8], x: &Q8Row) -> f32 {
+        let bb = ty.block_bytes();
+        let blocks = w.len() / bb;
+        assert!(x.q.len() >= blocks * QK && x.d.len() >= blocks);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_ps();
+        let mut offset_term = 0f32;
+        for b in 0..blocks {
+            let blk = &w[b * bb..(b + 1) * bb];
+            let (d, c, at) = block_params(ty, blk);
+            let q = blk.as_ptr().add(at);
+            let xq = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
+            // maddubs multiplies unsigned by signed bytes: make the weight side non-negative.
+            let prod = if ty == QType::Q8_0 {
+                let wq = _mm256_loadu_si256(q as *const __m256i);
+                _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq))
+            } else {
+                _mm256_maddubs_epi16(nibbles(q), xq)
+            };
+            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), sums, acc);
+            offset_term += c * x.dsum[b];
+        }
+        hsum(acc) + offset_term
+    }
+}
+
+// ------------------------------------------------------------------------- the products
+
+/// `x` as contiguous f32 rows `[m, k]` (copied only when it is not already so).
+fn rows_of(x: &Tensor, w: &QMatrix, op: &str) -> (Vec<usize>, Tensor) {
+    let (n, k) = w.dims();
+    assert!(
+        x.rank() >= 1 && x.dim(-1) == k,
+        "{op}: input {} does not end in the weight's {k} columns (weight {n}×{k})",
+        x.shape()
+    );
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("rank >= 1") = n;
+    let x = x.detach().to_dtype(DType::F32).contiguous();
+    (out_dims, x)
+}
+
+/// Runs `f(row, out_row)` for every output row of an `[m, n]` result, threads over rows of W
+/// (decode) or rows of x (prompts).
+fn per_output(
+    m: usize,
+    n: usize,
+    work_per_row: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync,
+) -> Buffer<f32> {
+    let mut out = Buffer::<f32>::uninit(m * n);
+    let threads = parallel::num_threads();
+    if threads > 1 && m * work_per_row >= PARALLEL_THRESHOLD {
+        use rayon::prelude::*;
+        parallel::install(|| out.par_chunks_mut(n).enumerate().for_each(|(i, o)| f(i, o)));
+    } else {
+        for (i, o) in out.chunks_mut(n).enumerate() {
+            f(i, o);
+        }
+    }
+    out
+}
+
+/// `x[m, k] · Wᵀ` with f32 activations.
+fn forward_f32(x: &[f32], m: usize, w: &QMatrix) -> Buffer<f32> {
+    let (n, k) = w.dims();
+    if m >= DEQUANT_GEMM_ROWS {
+        return forward_tiles(x, m, w);
+    }
+    let xsum: Vec<f32> = x.chunks_exact(QK).map(|b| b.iter().sum()).collect();
+    let blocks = k / QK;
+    if m == 1 {
+        // Decode: split the weight rows over threads.
+        let mut out = Buffer::<f32>::uninit(n);
+        let fill = |start: usize, o: &mut [f32]| {
+            for (j, v) in o.iter_mut().enumerate() {
+                *v = dot_row_f32(w.qtype(), w.row(start + j), x, &xsum);
+            }
+        };
+        if parallel::num_threads() > 1 && n * k >= PARALLEL_THRESHOLD {
+            use rayon::prelude::*;
+            let chunk = n.div_ceil(parallel::num_threads() * 4).max(1);
+            parallel::install(|| {
+                out.par_chunks_mut(chunk)
+                    .enumerate()
+                    .for_each(|(c, o)| fill(c * chunk, o))
+            });
+        } else {
+            fill(0, &mut out);
+        }
+        return out;
+    }
+    per_output(m, n, n * k, |i, o| {
+        let xr = &x[i * k..(i + 1) * k];
+        let xs = &xsum[i * blocks..(i + 1) * blocks];
+        for (j, v) in o.iter_mut().enumerate() {
+            *v = dot_row_f32(w.qtype(), w.row(j), xr, xs);
+        }
+    })
+}
+
+/// The gemm path: tiles of W decoded to f32, each multiplied with all of x.
+fn forward_tiles(x: &[f32], m: usize, w: &QMatrix) -> Buffer<f32> {
+    let (n, k) = w.dims();
+    let mut out = Buffer::<f32>::uninit(m * n);
+    let tiles = n.div_ceil(TILE_ROWS);
+    let run = |t: usize| -> Vec<f32> {
+        let rows = TILE_ROWS.min(n - t * TILE_ROWS);
+        let mut wt = vec![0f32; rows * k];
+        w.dequantize_rows(t * TILE_ROWS, &mut wt);
+        let mut part = vec![0f32; m * rows];
+        // SAFETY: part is m × rows, x is m × k (row-major), wt is rows × k read as k × rows.
+        unsafe {
+            gemm_into(
+                (m, rows, k),
+                part.as_mut_ptr(),
+                x.as_ptr(),
+                (k, 1),
+                wt.as_ptr(),
+                (1, k),
+                Parallelism::None,
+            );
+        }
+        part
+    };
+    let parts: Vec<Vec<f32>> = if parallel::num_threads() > 1 && m * n * k >= PARALLEL_THRESHOLD {
+        use rayon::prelude::*;
+        parallel::install(|| (0..tiles).into_par_iter().map(run).collect())
+    } else {
+        (0..tiles).map(run).collect()
+    };
+    for (t, part) in parts.iter().enumerate() {
+        let rows = part.len() / m;
+        for i in 0..m {
+            out[i * n + t * TILE_ROWS..i * n + t * TILE_ROWS + rows]
+                .copy_from_slice(&part[i * rows..(i + 1) * rows]);
+        }
+    }
+    out
+}
+
+/// `x[m, k] · Wᵀ` with 8-bit activations.
+fn forward_q8(x: &[f32], m: usize, w: &QMatrix) -> Buffer<f32> {
+    let (n, k) = w.dims();
+    let rows: Vec<Q8Row> = x.chunks_exact(k).map(quantize_row_q8).collect();
+    if m == 1 {
+        let mut out = Buffer::<f32>::uninit(n);
+        let fill = |start: usize, o: &mut [f32]| {
+            for (j, v) in o.iter_mut().enumerate() {
+                *v = dot_row_q8(w.qtype(), w.row(start + j), &rows[0]);
+            }
+        };
+        if parallel::num_threads() > 1 && n * k >= PARALLEL_THRESHOLD {
+            use rayon::prelude::*;
+            let chunk = n.div_ceil(parallel::num_threads() * 4).max(1);
+            parallel::install(|| {
+                out.par_chunks_mut(chunk)
+                    .enumerate()
+                    .for_each(|(c, o)| fill(c * chunk, o))
+            });
+        } else {
+            fill(0, &mut out);
+        }
+        return out;
+    }
+    per_output(m, n, n * k, |i, o| {
+        for (j, v) in o.iter_mut().enumerate() {
+            *v = dot_row_q8(w.qtype(), w.row(j), &rows[i]);
+        }
+    })
+}
+
+/// Backward of the quantised products: `dx = g · W` (W decoded); W itself is frozen.
+struct QMatmulBackward {
+    w: QMatrix,
+}
+
+impl GradFn for QMatmulBackward {
+    fn name(&self) -> &'static str {
+        "qmatmul"
+    }
+
+    fn backward(&self, inputs: &[Tensor], _output: &Tensor, g: &Tensor) -> Vec<Option<Tensor>> {
+        let x = &inputs[0];
+        let gx = g
+            .to_dtype(DType::F32)
+            .matmul(&self.w.dequantize())
+            .to_dtype(x.dtype());
+        vec![Some(gx)]
+    }
+}
+
+fn qmatmul_with(
+    x: &Tensor,
+    w: &QMatrix,
+    op: &str,
+    f: fn(&[f32], usize, &QMatrix) -> Buffer<f32>,
+) -> Tensor {
+    let (out_dims, xc) = rows_of(x, w, op);
+    let k = w.dims().1;
+    let m = xc.elem_count() / k;
+    let buf = {
+        let s = xc.storage();
+        let data = crate::typed_slice!(s, f32, op);
+        let range = xc.layout().contiguous_range().expect("contiguous");
+        f(&data[range], m, w)
+    };
+    let out = Tensor::op_result(f32::into_storage(buf), Shape::from(out_dims), &[x], || {
+        QMatmulBackward { w: w.clone() }
+    });
+    if x.dtype() == DType::F32 {
+        out
+    } else {
+        out.to_dtype(x.dtype())
+    }
+}
+
+impl Tensor {
+    /// `self · Wᵀ` for a quantised weight `W` `[n, k]` (`self` is `[.., k]`, the result
+    /// `[.., n]`), with f32 activations: equal to `self.matmul(&w.dequantize().t())` up to
+    /// rounding. Differentiable with respect to `self`.
+    pub fn qmatmul(&self, w: &QMatrix) -> Tensor {
+        qmatmul_with(self, w, "qmatmul", forward_f32)
+    }
+
+    /// As [`Tensor::qmatmul`], with the activations quantised to 8 bits per block of 32 (as
+    /// llama.cpp does): faster, with a relative error of about 1e-2 on each product.
+    pub fn qmatmul_q8(&self, w: &QMatrix) -> Tensor {
+        qmatmul_with(self, w, "qmatmul_q8", forward_q8)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::randn_f64;
+
+    const TYPES: [QType; 3] = [QType::Q8_0, QType::Q4_0, QType::Q4_1];
+
+    fn reference(x: &Tensor, w: &QMatrix) -> Vec<f64> {
+        let wd = w.dequantize().to_dtype(DType::F64);
+        x.to_dtype(DType::F64).matmul(&wd.t()).to_vec::<f64>()
+    }
+
+    fn max_rel(got: &[f32], want: &[f64]) -> f64 {
+        let scale = want.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
+        got.iter()
+            .zip(want)
+            .map(|(&a, &b)| (a as f64 - b).abs() / scale)
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn half_conversion_round_trips_and_rounds_to_nearest_even() {
+        for h in 0..=u16::MAX {
+            let f = f16_to_f32(h);
+            if f.is_nan() {
+                assert!(f32_to_f16(f) & 0x7c00 == 0x7c00 && f32_to_f16(f) & 0x3ff != 0);
+            } else {
+                assert_eq!(f32_to_f16(f), h, "{h:#06x} -> {f}");
+            }
+        }
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x0001), 5.960_464_5e-8);
+        // 1 + 2^-11 lies halfway between 1 and the next half: ties to even (1.0).
+        assert_eq!(f32_to_f16(1.0 + 1.0 / 2048.0), 0x3c00);
+        assert_eq!(f32_to_f16(1.0 + 3.0 / 2048.0), 0x3c02);
+        assert_eq!(f32_to_f16(1e6), 0x7c00);
+    }
+
+    #[test]
+    fn quantize_then_dequantize_is_within_half_a_step() {
+        let w = Tensor::randn([5, 64], 3);
+        let values = w.to_vec::<f32>();
+        for ty in TYPES {
+            let q = QMatrix::quantize(ty, &w);
+            assert_eq!(q.bytes().len(), 5 * 2 * ty.block_bytes());
+            let back = q.dequantize().to_vec::<f32>();
+            for (blk, (orig, got)) in values.chunks(32).zip(back.chunks(32)).enumerate() {
+                let amax = orig.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let (lo, hi) = orig
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+                let step = match ty {
+                    QType::Q8_0 => amax / 127.0,
+                    QType::Q4_0 => amax / 8.0,
+                    QType::Q4_1 => (hi - lo) / 15.0,
+                };
+                for (a, b) in orig.iter().zip(got) {
+                    // Half a step, plus the f16 rounding of the scale and minimum.
+                    assert!(
+                        (a - b).abs() <= 0.5 * step * 1.01 + 2e-3 * amax,
+                        "{ty} block {blk}: {a} vs {b} (step {step})"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f32_products_equal_the_dequantised_matmul_on_every_path() {
+        // m = 1 (decode), 3 (row dots), 9 and 40 (tiled gemm); n crosses a tile boundary.
+        for ty in TYPES {
+            let w = QMatrix::quantize(ty, &Tensor::randn([70, 96], 1));
+            for m in [1, 3, 9, 40] {
+                let x = Tensor::randn([m, 96], 2);
+                let got = x.qmatmul(&w);
+                assert_eq!(got.dims(), &[m, 70]);
+                let err = max_rel(&got.to_vec::<f32>(), &reference(&x, &w));
+                assert!(err < 1e-5, "{ty} m={m}: relative error {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn threaded_and_scalar_paths_agree() {
+        // Large enough to split over threads; compare with the single-thread result.
+        let w = QMatrix::quantize(QType::Q4_1, &Tensor::randn([600, 256], 4));
+        let x = Tensor::randn([1, 256], 5);
+        let want = reference(&x, &w);
+        for threads in [1, 2] {
+            parallel::set_num_threads(threads);
+            let got = x.qmatmul(&w).to_vec::<f32>();
+            assert!(max_rel(&got, &want) < 1e-5);
+            let got8 = x.qmatmul_q8(&w).to_vec::<f32>();
+            assert!(max_rel(&got8, &want) < 2e-2);
+        }
+        parallel::set_num_threads(0);
+    }
+
+    #[test]
+    fn q8_activation_products_are_close_and_match_their_own_scalar_definition() {
+        for ty in TYPES {
+            let w = QMatrix::quantize(ty, &Tensor::randn([33, 128], 6));
+            for m in [1, 4] {
+                let x = Tensor::randn([m, 128], 7);
+                let got = x.qmatmul_q8(&w).to_vec::<f32>();
+                let err = max_rel(&got, &reference(&x, &w));
+                assert!(err < 2e-2, "{ty} m={m}: relative error {err}");
+                // Exactly the integer definition: quantise x, integer dots, scale.
+                let xs = x.to_vec::<f32>();
+                for i in 0..m {
+                    let row = quantize_row_q8(&xs[i * 128..(i + 1) * 128]);
+                    for j in 0..33 {
+                        let bb = ty.block_bytes();
+                        let mut want = 0f64;
+                        for (b, blk) in w.row(j).chunks_exact(bb).enumerate() {
+                            let mut vals = [0f32; QK];
+                            dequantize_block(ty, blk, &mut vals);
+                            let (d, c, _) = block_params(ty, blk);
+                            for (t, v) in vals.iter().enumerate() {
+                                // (v - c) / d is the integer quant.
+                                let q = if d != 0.0 { ((v - c) / d).round() } else { 0.0 };
+                                want +=
+                                    (d * row.d[b]) as f64 * (q * row.q[b * QK + t] as f32) as f64;
+                            }
+                            want += (c * row.dsum[b]) as f64;
+                        }
+                        let g = got[i * 33 + j] as f64;
+                        assert!(
+                            (g - want).abs() <= 1e-4 * want.abs().max(1.0),
+                            "{ty}: {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn batched_inputs_keep_their_leading_dims_and_backprop_to_x() {
+        let w = QMatrix::quantize(QType::Q4_1, &Tensor::randn([6, 64], 8));
+        let x = randn_f64(&[2, 3, 64], 9).requires_grad();
+        let y = x.qmatmul(&w);
+        assert_eq!(y.dims(), &[2, 3, 6]);
+        assert_eq!(y.dtype(), DType::F64);
+        let gw = randn_f64(&[2, 3, 6], 10);
+        y.mul(&gw).sum_all().backward();
+        let want = gw.matmul(&w.dequantize().to_dtype(DType::F64));
+        let got = x.grad().expect("x has a gradient").to_vec::<f64>();
+        for (a, b) in got.iter().zip(want.to_vec::<f64>()) {
+            assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn gathered_and_permuted_rows_match_the_dequantised_matrix() {
+        let q = QMatrix::quantize(QType::Q4_1, &Tensor::randn([5, 64], 11));
+        let full = q.dequantize().to_vec::<f32>();
+        let got = q.gather_rows(&[3, 0, 3]).to_vec::<f32>();
+        assert_eq!(&got[..64], &full[3 * 64..4 * 64]);
+        assert_eq!(&got[64..128], &full[..64]);
+        assert_eq!(&got[128..], &full[3 * 64..4 * 64]);
+        let p = q
+            .permute_rows(&[4, 3, 2, 1, 0])
+            .dequantize()
+            .to_vec::<f32>();
+        assert_eq!(&p[..64], &full[4 * 64..]);
+        assert_eq!(&p[4 * 64..], &full[..64]);
+    }
+
+    #[test]
+    fn bad_sizes_are_errors_or_named_panics() {
+        let bytes: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(vec![0u8; 40]);
+        let e = QMatrix::from_bytes(QType::Q4_1, 2, 30, bytes.clone(), 0).unwrap_err();
+        assert!(
+            e.contains("30 columns is not a positive multiple of 32"),
+            "{e}"
+        );
+        let e = QMatrix::from_bytes(QType::Q4_1, 3, 32, bytes.clone(), 0).unwrap_err();
+        assert!(
+            e.contains("needs 60 bytes at offset 0, the buffer has 40"),
+            "{e}"
+        );
+        let e = QMatrix::from_bytes(QType::Q8_0, usize::MAX, 64, bytes.clone(), 0).unwrap_err();
+        assert!(e.contains("overflows"), "{e}");
+        assert!(QMatrix::from_bytes(QType::Q4_1, 2, 32, bytes, 0).is_ok());
+    }
+
+    #[test]
+    #[should_panic(expected = "qmatmul: input [2, 5] does not end in the weight's 32 columns")]
+    fn wrong_width_panics_with_the_shapes() {
+        let w = QMatrix::quantize(QType::Q8_0, &Tensor::randn([4, 32], 1));
+        Tensor::randn([2, 5], 2).qmatmul(&w);
+    }
+}
