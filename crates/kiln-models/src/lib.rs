@@ -1,0 +1,22 @@
+//! kiln-models: pretrained architectures with Hugging Face parameter names, config.json
+//! parsing and checkpoint key remapping.
+//!
+//! - [`bert`]: `BertModel` (+ pooler), sentence embeddings, `BertForSequenceClassification`,
+//!   `BertForTokenClassification`, `from_pretrained` / `save_pretrained`.
+//! - [`config`]: typed access to HF `config.json` fields with precise errors.
+//! - [`remap`]: [`KeyMap`], declarative renaming / splitting / transposing of checkpoint keys.
+//! - [`checkpoint`]: reading safetensors checkpoints and finding the local model cache.
+
+pub mod bert;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod remap;
+
+pub use bert::{
+    l2_normalize, mean_pooling, BertConfig, BertForSequenceClassification,
+    BertForTokenClassification, BertModel, BertOutput, HiddenAct, LoadOptions,
+};
+pub use config::HfConfig;
+pub use error::ModelError;
+pub use remap::KeyMap;
