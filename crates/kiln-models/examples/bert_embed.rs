@@ -1,11 +1,14 @@
 //! Loads all-MiniLM-L6-v2, embeds token ids (as the HF tokenizer gives them) and times one
 //! forward at batch 32 × 128 tokens and 1 × 16 tokens.
 //!
-//! Run: `cargo run --release -p kiln-models --example bert_embed`
+//! With a directory argument it also saves a 3-label BertForSequenceClassification built from
+//! MiniLM there (`save_pretrained`), e.g. to check that `transformers` loads it.
+//!
+//! Run: `cargo run --release -p kiln-models --example bert_embed [-- SAVE_DIR]`
 
 use kiln_core::{no_grad, Rng, Tensor};
 use kiln_models::checkpoint::minilm_dir;
-use kiln_models::BertModel;
+use kiln_models::{BertForSequenceClassification, BertModel, LoadOptions};
 use kiln_nn::ModuleExt;
 use std::time::Instant;
 
@@ -46,6 +49,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             out.last_hidden_state.dims(),
             dt.as_secs_f64() * 1e3
         );
+    }
+    if let Some(out) = std::env::args().nth(1) {
+        let opts = LoadOptions::default().num_labels(3);
+        let (clf, report) = BertForSequenceClassification::from_pretrained_with(&dir, &opts)?;
+        println!("classifier: freshly initialised {:?}", report.missing);
+        clf.save_pretrained(&out)?;
+        println!("saved to {out}");
     }
     Ok(())
 }
