@@ -3,6 +3,9 @@
 //!
 //! - [`bert`]: `BertModel` (+ pooler), sentence embeddings, `BertForSequenceClassification`,
 //!   `BertForTokenClassification`, `from_pretrained` / `save_pretrained`.
+//! - [`llama`]: `LlamaForCausalLM` (GQA, RoPE with scaling, SwiGLU, KV cache) from GGUF files,
+//!   dense or block-quantised; [`generation`]: greedy and sampled decoding for any [`CausalLm`];
+//!   [`gguf_tokenizer`]: the tokenizer and chat template inside a GGUF file.
 //! - [`config`]: typed access to HF `config.json` fields with precise errors.
 //! - [`remap`]: [`KeyMap`], declarative renaming / splitting / transposing of checkpoint keys.
 //! - [`checkpoint`]: reading safetensors checkpoints and finding the local model cache.
@@ -11,6 +14,9 @@ pub mod bert;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod generation;
+pub mod gguf_tokenizer;
+pub mod llama;
 pub mod remap;
 
 pub use bert::{
@@ -19,4 +25,7 @@ pub use bert::{
 };
 pub use config::HfConfig;
 pub use error::ModelError;
+pub use generation::{generate, CausalLm, Generated, GenerationConfig, StopReason};
+pub use gguf_tokenizer::tokenizer_from_gguf;
+pub use llama::{KvCache, LlamaConfig, LlamaForCausalLM, QuantActivations, RopeScaling};
 pub use remap::KeyMap;

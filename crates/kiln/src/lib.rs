@@ -4,6 +4,8 @@
 
 pub use kiln_core as core;
 pub use kiln_data as data;
+pub use kiln_io as io;
+pub use kiln_models as models;
 pub use kiln_nn as nn;
 
 /// The names most programs need.
@@ -12,7 +14,14 @@ pub mod prelude {
         enable_grad, gradcheck, no_grad, with_no_grad, Conv1dOptions, Conv2dOptions, CustomOp,
         DType, Device, GradFn, Infer, Rng, Shape, Tensor,
     };
-    pub use kiln_data::{datasets, DataLoader, Normalize, Split, TensorDataset};
+    pub use kiln_data::{
+        datasets, ChatMessage, ChatTemplate, DataLoader, EncodeOptions, Normalize, Padding, Split,
+        TensorDataset, Tokenizer,
+    };
+    pub use kiln_models::{
+        generate, BertForSequenceClassification, BertModel, GenerationConfig, LlamaForCausalLM,
+        QuantActivations,
+    };
     pub use kiln_nn::loss::{self, Loss, Reduction};
     pub use kiln_nn::optim::Optimizer;
     pub use kiln_nn::registry::{registry, BuildContext, Registry, TrainSpec, Training};
