@@ -1,6 +1,8 @@
 //! Core-op timings as one JSON object on stdout, for `scripts/bench_vs_torch.py`.
 //!
-//! `cargo run --release --example bench_core -- [--reps N] [--threads 1,2] [--quick]`
+//! `cargo run --release --example bench_core -- [--reps N] [--threads 1,2] [--quick] [--only NAME]`
+//!
+//! `--only` keeps the workloads whose name contains NAME (e.g. `--only conv2d`).
 //!
 //! Workloads (the names the script matches against PyTorch):
 //! - `matmul_f32_1024`, `matmul_f32_2048`: square f32 products (flops = 2·n³);
@@ -53,6 +55,7 @@ fn main() {
     let mut reps = 15usize;
     let mut threads: Vec<usize> = vec![1, 2];
     let mut quick = false;
+    let mut only: Option<String> = None;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -68,6 +71,10 @@ fn main() {
                     .collect();
             }
             "--quick" => quick = true,
+            "--only" => {
+                i += 1;
+                only = Some(args.get(i).expect("--only takes a name").clone());
+            }
             other => panic!("bench_core: unknown argument {other}"),
         }
         i += 1;
@@ -76,8 +83,10 @@ fn main() {
     let reps = reps.max(1);
     let mut results = Vec::new();
 
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| name.contains(o));
+
     let sizes: &[usize] = if quick { &[256, 512] } else { &[1024, 2048] };
-    for &n in sizes {
+    for &n in sizes.iter().filter(|n| wanted(&format!("matmul_f32_{n}"))) {
         let a = Tensor::randn([n, n], 1);
         let b = Tensor::randn([n, n], 2);
         let flops = 2.0 * (n as f64).powi(3);
@@ -104,7 +113,7 @@ fn main() {
     }
 
     set_num_threads(1);
-    {
+    if wanted("add_f32_4_recorded") {
         let a = Tensor::randn([4], 1).requires_grad();
         let b = Tensor::randn([4], 2);
         let inner = if quick { 1_000 } else { 10_000 };
@@ -131,7 +140,10 @@ fn main() {
         ("exp", &|| a.exp()),
         ("gelu", &|| a.gelu()),
     ];
-    for (op, f) in elementwise {
+    for (op, f) in elementwise
+        .into_iter()
+        .filter(|(op, _)| wanted(&format!("{op}_f32_{}M", n >> 20)))
+    {
         for &t in &threads {
             set_num_threads(t);
             let (median_s, min_s) = time(2, reps, 1, || {
@@ -147,7 +159,7 @@ fn main() {
             });
         }
     }
-    {
+    if wanted("mlp_adam_step_b64") {
         let mut rng = Rng::new(0);
         let model = seq![
             Linear::new(784, 256, &mut rng),
@@ -193,7 +205,7 @@ fn main() {
             ("conv2d_1x32_28_b64", 1, 32, 28, false),
             ("conv2d_32x64_14_b64", 32, 64, 14, true),
         ];
-        for (name, cin, cout, side, input_grad) in convs {
+        for (name, cin, cout, side, input_grad) in convs.into_iter().filter(|c| wanted(c.0)) {
             let x = Tensor::randn([64, cin, side, side], 4);
             let x = if input_grad { x.requires_grad() } else { x };
             let w = (Tensor::randn([cout, cin, 3, 3], 5) * 0.1).requires_grad();

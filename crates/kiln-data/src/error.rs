@@ -68,6 +68,20 @@ pub enum DataError {
         /// What went wrong.
         msg: String,
     },
+    /// A tokenizer file or vocabulary that cannot be used, or an input it cannot encode.
+    #[error("{origin}: {msg}")]
+    Tokenizer {
+        /// Where the tokenizer came from: a file path, or a description such as "BPE vocabulary".
+        origin: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A chat template that does not compile, or that fails while rendering.
+    #[error("chat template: {msg}")]
+    ChatTemplate {
+        /// What is wrong (minijinja's message, with line information).
+        msg: String,
+    },
 }
 
 impl DataError {

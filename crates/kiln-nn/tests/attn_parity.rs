@@ -3,6 +3,9 @@
 //! `load_state_dict`, and outputs (and attention weights), input gradients and parameter
 //! gradients must match within 1e-5 (max abs diff).
 
+mod common;
+
+use common::{fixture, max_diff, Arr, TOL};
 use kiln_core::{Rng, Tensor};
 use kiln_nn::layers::{
     MhaConfig, MhaOptions, MultiheadAttention, TransformerActivation, TransformerEncoder,
@@ -11,32 +14,6 @@ use kiln_nn::layers::{
 use kiln_nn::{LoadMode, Module, ModuleExt, StateDict};
 use serde::Deserialize;
 use std::collections::BTreeMap;
-
-#[derive(Deserialize)]
-struct Arr {
-    shape: Vec<usize>,
-    data: Vec<f64>,
-    kind: String,
-    /// Indices of -inf entries (stored as 0 in `data`: JSON has no infinities).
-    #[serde(default)]
-    neg_inf: Vec<usize>,
-}
-
-impl Arr {
-    /// f32 values, or a U32 0/1 tensor for a boolean mask.
-    fn tensor(&self) -> Tensor {
-        if self.kind == "bool" {
-            let v: Vec<u32> = self.data.iter().map(|&x| x as u32).collect();
-            Tensor::from_vec(v, self.shape.clone())
-        } else {
-            let mut v: Vec<f32> = self.data.iter().map(|&x| x as f32).collect();
-            for &i in &self.neg_inf {
-                v[i] = f32::NEG_INFINITY;
-            }
-            Tensor::from_vec(v, self.shape.clone())
-        }
-    }
-}
 
 #[derive(Deserialize)]
 struct Fixture {
@@ -52,30 +29,10 @@ struct Fixture {
 }
 
 fn load(name: &str) -> Fixture {
-    let path = format!(
-        "{}/tests/fixtures/attn/{name}.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let fx: Fixture = serde_json::from_str(&text).unwrap();
+    let fx: Fixture = fixture("attn", name);
     assert_eq!(fx.name, name);
     fx
 }
-
-fn max_diff(got: &Tensor, want: &Arr) -> f64 {
-    assert_eq!(got.dims(), want.shape.as_slice(), "shape");
-    assert!(want.neg_inf.is_empty(), "expected values are finite");
-    got.to_f64_vec()
-        .iter()
-        .zip(&want.data)
-        .map(|(a, b)| {
-            assert!(a.is_finite(), "non-finite value {a}");
-            (a - b).abs()
-        })
-        .fold(0.0, f64::max)
-}
-
-const TOL: f64 = 1e-5;
 
 fn cfg(c: &serde_json::Value, k: &str) -> usize {
     c[k].as_u64().unwrap() as usize

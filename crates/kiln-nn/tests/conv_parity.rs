@@ -3,25 +3,15 @@
 //! output and input gradient must match within 1e-5 (max abs diff), the parameter gradients
 //! within 1e-5 relative to their largest magnitude.
 
-use kiln_core::{Rng, Tensor};
+mod common;
+
+use common::{fixture, max_diff, state_dict, Arr, TOL};
+use kiln_core::Rng;
 use kiln_nn::layers::{Conv1d, Conv1dConfig, Conv2d, Conv2dConfig, Layer, Padding1d, Padding2d};
-use kiln_nn::{LoadMode, ModuleExt, StateDict};
+use kiln_nn::{LoadMode, ModuleExt};
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
-
-#[derive(Deserialize)]
-struct Arr {
-    shape: Vec<usize>,
-    data: Vec<f64>,
-}
-
-impl Arr {
-    fn f32(&self) -> Tensor {
-        let v: Vec<f32> = self.data.iter().map(|&x| x as f32).collect();
-        Tensor::from_vec(v, self.shape.clone())
-    }
-}
 
 #[derive(Deserialize)]
 struct Fixture {
@@ -33,6 +23,10 @@ struct Fixture {
     gw: Arr,
     input_grad: Arr,
     param_grads: BTreeMap<String, Arr>,
+}
+
+fn load(name: &str) -> Fixture {
+    fixture("conv", name)
 }
 
 const NAMES: [&str; 16] = [
@@ -53,26 +47,6 @@ const NAMES: [&str; 16] = [
     "conv1d_same_even",
     "conv1d_unbatched",
 ];
-
-const TOL: f64 = 1e-5;
-
-fn load(name: &str) -> Fixture {
-    let path = format!(
-        "{}/tests/fixtures/conv/{name}.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    serde_json::from_str(&text).unwrap()
-}
-
-fn max_diff(got: &Tensor, want: &Arr) -> f64 {
-    assert_eq!(got.dims(), want.shape.as_slice(), "shape");
-    got.to_f64_vec()
-        .iter()
-        .zip(&want.data)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max)
-}
 
 fn num(c: &Value, k: &str) -> usize {
     c[k].as_u64().unwrap_or_else(|| panic!("config {k}: {c}")) as usize
@@ -138,11 +112,7 @@ fn conv_layers_match_pytorch() {
         let fx = load(name);
         assert_eq!(fx.name, name);
         let layer = build(&fx.config, &mut rng);
-        let sd: StateDict = fx
-            .state_dict
-            .iter()
-            .map(|(k, v)| (k.clone(), v.f32()))
-            .collect();
+        let sd = state_dict(&fx.state_dict);
         let report = layer.load_state_dict(&sd, LoadMode::Strict).unwrap();
         assert_eq!(report.loaded.len(), fx.state_dict.len());
         let x = fx.input.f32().requires_grad();

@@ -2,32 +2,17 @@
 //! `scripts/make_layer_fixtures.py`: weights are loaded through `load_state_dict`, and the
 //! output, input gradient and parameter gradients must match within 1e-5 (max abs diff).
 
+mod common;
+
+use common::{fixture, max_diff, state_dict, Arr, TOL};
 use kiln_core::Rng;
-use kiln_core::Tensor;
 use kiln_nn::layers::{
     Dropout, Embedding, Flatten, Gelu, Layer, LayerNorm, Linear, LinearConfig, NormConfig, Relu,
     RmsNorm, Sigmoid, Silu, Softmax, Tanh,
 };
-use kiln_nn::{seq, LoadMode, ModuleExt, StateDict};
+use kiln_nn::{seq, LoadMode, ModuleExt};
 use serde::Deserialize;
 use std::collections::BTreeMap;
-
-#[derive(Deserialize)]
-struct Arr {
-    shape: Vec<usize>,
-    data: Vec<f64>,
-}
-
-impl Arr {
-    fn f32(&self) -> Tensor {
-        let v: Vec<f32> = self.data.iter().map(|&x| x as f32).collect();
-        Tensor::from_vec(v, self.shape.clone())
-    }
-    fn i64(&self) -> Tensor {
-        let v: Vec<i64> = self.data.iter().map(|&x| x as i64).collect();
-        Tensor::from_vec(v, self.shape.clone())
-    }
-}
 
 #[derive(Deserialize)]
 struct Fixture {
@@ -41,36 +26,12 @@ struct Fixture {
     param_grads: BTreeMap<String, Arr>,
 }
 
-fn load(name: &str) -> Fixture {
-    let path = format!(
-        "{}/tests/fixtures/layers/{name}.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    serde_json::from_str(&text).unwrap()
-}
-
-fn max_diff(got: &Tensor, want: &Arr) -> f64 {
-    assert_eq!(got.dims(), want.shape.as_slice(), "shape");
-    got.to_f64_vec()
-        .iter()
-        .zip(&want.data)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max)
-}
-
-const TOL: f64 = 1e-5;
-
 /// Loads the fixture's weights into `layer`, runs forward and backward, compares everything.
 /// Returns the largest difference seen.
 fn check(name: &str, layer: &dyn Layer) -> f64 {
     let fx = load(name);
     assert_eq!(fx.name, name);
-    let sd: StateDict = fx
-        .state_dict
-        .iter()
-        .map(|(k, v)| (k.clone(), v.f32()))
-        .collect();
+    let sd = state_dict(&fx.state_dict);
     let report = layer.load_state_dict(&sd, LoadMode::Strict).unwrap();
     assert_eq!(report.loaded.len(), fx.state_dict.len());
     let float_input = fx.input_grad.is_some();
@@ -167,4 +128,8 @@ fn layers_match_pytorch() {
     ];
     worst = worst.max(check("sequential", &mlp));
     println!("worst max abs diff over all fixtures: {worst:.3e}");
+}
+
+fn load(name: &str) -> Fixture {
+    fixture("layers", name)
 }

@@ -3,7 +3,10 @@
 //! training steps (outputs, input and parameter gradients), the running statistics and
 //! `num_batches_tracked` after them, then one evaluation step. Tolerance 1e-5 (max abs diff).
 
-use kiln_core::{AvgPool1dOptions, AvgPool2dOptions, MaxPool1dOptions, MaxPool2dOptions, Tensor};
+mod common;
+
+use common::{fixture, max_diff, Arr, TOL};
+use kiln_core::{AvgPool1dOptions, AvgPool2dOptions, MaxPool1dOptions, MaxPool2dOptions};
 use kiln_nn::layers::{
     AdaptiveAvgPool2d, AvgPool1d, AvgPool2d, BatchNorm1d, BatchNorm2d, BatchNormConfig, Layer,
     MaxPool1d, MaxPool2d,
@@ -12,23 +15,6 @@ use kiln_nn::{LoadMode, ModuleExt, StateDict};
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
-
-#[derive(Deserialize)]
-struct Arr {
-    shape: Vec<usize>,
-    data: Vec<f64>,
-}
-
-impl Arr {
-    fn f32(&self) -> Tensor {
-        let v: Vec<f32> = self.data.iter().map(|&x| x as f32).collect();
-        Tensor::from_vec(v, self.shape.clone())
-    }
-    fn i64(&self) -> Tensor {
-        let v: Vec<i64> = self.data.iter().map(|&x| x as i64).collect();
-        Tensor::from_vec(v, self.shape.clone())
-    }
-}
 
 #[derive(Deserialize)]
 struct Step {
@@ -40,26 +26,10 @@ struct Step {
 }
 
 fn load_json(name: &str) -> Value {
-    let path = format!(
-        "{}/tests/fixtures/poolbn/{name}.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let v: Value = serde_json::from_str(&text).unwrap();
+    let v: Value = fixture("poolbn", name);
     assert_eq!(v["name"], name);
     v
 }
-
-fn max_diff(got: &Tensor, want: &Arr) -> f64 {
-    assert_eq!(got.dims(), want.shape.as_slice(), "shape");
-    got.to_f64_vec()
-        .iter()
-        .zip(&want.data)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max)
-}
-
-const TOL: f64 = 1e-5;
 
 /// Runs one forward/backward step of `layer` and compares output and gradients.
 fn check_step(what: &str, layer: &dyn Layer, step: &Step) -> f64 {

@@ -3,24 +3,14 @@
 //! output, final states, and the gradients of the input, initial states and every parameter must
 //! match within 1e-5 (max abs diff).
 
+mod common;
+
+use common::{fixture, max_diff, state_dict, Arr, TOL};
 use kiln_core::{Rng, Tensor};
 use kiln_nn::layers::{Gru, Lstm, Rnn, RnnConfig, RnnNonlinearity};
-use kiln_nn::{LoadMode, Module, ModuleExt, StateDict};
+use kiln_nn::{LoadMode, Module, ModuleExt};
 use serde::Deserialize;
 use std::collections::BTreeMap;
-
-#[derive(Deserialize)]
-struct Arr {
-    shape: Vec<usize>,
-    data: Vec<f64>,
-}
-
-impl Arr {
-    fn f32(&self) -> Tensor {
-        let v: Vec<f32> = self.data.iter().map(|&x| x as f32).collect();
-        Tensor::from_vec(v, self.shape.clone())
-    }
-}
 
 #[derive(Deserialize)]
 struct Config {
@@ -53,26 +43,6 @@ struct Fixture {
     param_grads: BTreeMap<String, Arr>,
 }
 
-fn load(name: &str) -> Fixture {
-    let path = format!(
-        "{}/tests/fixtures/rnn/{name}.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    serde_json::from_str(&text).unwrap()
-}
-
-fn max_diff(got: &Tensor, want: &Arr) -> f64 {
-    assert_eq!(got.dims(), want.shape.as_slice(), "shape");
-    got.to_f64_vec()
-        .iter()
-        .zip(&want.data)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max)
-}
-
-const TOL: f64 = 1e-5;
-
 /// Runs one fixture; returns the largest difference seen.
 fn check(name: &str) -> f64 {
     let fx = load(name);
@@ -88,11 +58,7 @@ fn check(name: &str) -> f64 {
     let x = fx.input.f32().requires_grad();
     let h0 = fx.h0.as_ref().map(|a| a.f32().requires_grad());
     let c0 = fx.c0.as_ref().map(|a| a.f32().requires_grad());
-    let sd: StateDict = fx
-        .state_dict
-        .iter()
-        .map(|(k, v)| (k.clone(), v.f32()))
-        .collect();
+    let sd = state_dict(&fx.state_dict);
     let load_into = |m: &dyn Module| {
         let report = m.load_state_dict(&sd, LoadMode::Strict).unwrap();
         assert_eq!(report.loaded.len(), fx.state_dict.len());
@@ -193,4 +159,8 @@ fn rnn_matches_pytorch() {
     for name in ["rnn_tanh_2l_bidir_tm", "rnn_relu_2l_bidir_tm"] {
         check(name);
     }
+}
+
+fn load(name: &str) -> Fixture {
+    fixture("rnn", name)
 }

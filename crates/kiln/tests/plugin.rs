@@ -101,6 +101,11 @@ fn every_builtin_layer_builds_by_name_and_by_torch_name() {
     assert_eq!(
         reg.layer_names(),
         [
+            "adaptive_avg_pool2d",
+            "avg_pool1d",
+            "avg_pool2d",
+            "batch_norm1d",
+            "batch_norm2d",
             "conv1d",
             "conv2d",
             "dropout",
@@ -111,12 +116,17 @@ fn every_builtin_layer_builds_by_name_and_by_torch_name() {
             "layer_norm",
             "linear",
             "lstm",
+            "max_pool1d",
+            "max_pool2d",
+            "multihead_attention",
             "relu",
             "rms_norm",
+            "rnn",
             "sigmoid",
             "silu",
             "softmax",
-            "tanh"
+            "tanh",
+            "transformer_encoder_layer"
         ]
     );
     let x = Tensor::randn([2, 3, 4], 1);
@@ -181,6 +191,76 @@ fn every_builtin_layer_builds_by_name_and_by_torch_name() {
             "input_size = 4\nhidden_size = 5\nnum_layers = 2",
             &x,
             vec![2, 3, 5],
+        ),
+        (
+            "rnn",
+            "RNN",
+            "input_size = 4\nhidden_size = 3\nnonlinearity = \"relu\"",
+            &x,
+            vec![2, 3, 3],
+        ),
+        (
+            "max_pool2d",
+            "MaxPool2d",
+            "kernel_size = 3\nstride = 2\npadding = 1\nceil_mode = true",
+            &img,
+            vec![1, 2, 3, 3],
+        ),
+        (
+            "avg_pool2d",
+            "AvgPool2d",
+            "kernel_size = [2, 3]\ncount_include_pad = false",
+            &img,
+            vec![1, 2, 2, 1],
+        ),
+        (
+            "max_pool1d",
+            "MaxPool1d",
+            "kernel_size = 2",
+            &x,
+            vec![2, 3, 2],
+        ),
+        (
+            "avg_pool1d",
+            "AvgPool1d",
+            "kernel_size = 3\nstride = 1\npadding = 1",
+            &x,
+            vec![2, 3, 4],
+        ),
+        (
+            "adaptive_avg_pool2d",
+            "AdaptiveAvgPool2d",
+            "output_size = [2, 3]",
+            &img,
+            vec![1, 2, 2, 3],
+        ),
+        (
+            "batch_norm1d",
+            "BatchNorm1d",
+            "num_features = 3\nmomentum = false",
+            &x,
+            vec![2, 3, 4],
+        ),
+        (
+            "batch_norm2d",
+            "BatchNorm2d",
+            "num_features = 2\neps = 1e-3\naffine = false",
+            &img,
+            vec![1, 2, 5, 5],
+        ),
+        (
+            "multihead_attention",
+            "MultiheadAttention",
+            "embed_dim = 4\nnum_heads = 2",
+            &x,
+            vec![2, 3, 4],
+        ),
+        (
+            "transformer_encoder_layer",
+            "TransformerEncoderLayer",
+            "d_model = 4\nnhead = 2\ndim_feedforward = 8\nactivation = \"gelu\"\nnorm_first = true",
+            &x,
+            vec![2, 3, 4],
         ),
     ];
     assert_eq!(cases.len(), reg.layer_names().len());
@@ -811,7 +891,7 @@ fn unknown_names_list_the_known_ones_and_suggest_the_closest() {
         &msg,
         &[
             "layer 1: unknown layer `lienar` (did you mean `linear`?)",
-            "known layers: conv1d, conv2d, dropout, embedding, flatten, gelu, gru, layer_norm, linear, lstm, relu",
+            "known layers: adaptive_avg_pool2d, avg_pool1d, avg_pool2d, batch_norm1d, batch_norm2d, conv1d, conv2d",
         ],
     );
     let msg = err_of(reg.build_optimizer("adamm", toml::Table::new(), vec![]));
@@ -874,6 +954,32 @@ fn bad_missing_and_unknown_args_name_the_layer_and_serdes_message() {
     assert_contains(
         &build("[[layer]]\ntype = \"gelu\"\napproximate = \"fast\""),
         &["layer 0 (`gelu`): unknown variant `fast`, expected `none` or `tanh`"],
+    );
+    assert_contains(
+        &build("[[layer]]\ntype = \"max_pool2d\"\nkernel_size = 2\npadding = 2"),
+        &["layer 0 (`max_pool2d`): config: max_pool2d: padding (2, 2) must be at most half the kernel size (2, 2)"],
+    );
+    assert_contains(
+        &build("[[layer]]\ntype = \"avg_pool1d\"\nkernel_size = [2, 2]"),
+        &["avg_pool1d: kernel_size takes one size"],
+    );
+    assert_contains(
+        &build("[[layer]]\ntype = \"multihead_attention\"\nembed_dim = 6\nnum_heads = 4"),
+        &["multihead_attention: num_heads = 4 must be positive and divide the width 6"],
+    );
+    assert_contains(
+        &build("[[layer]]\ntype = \"transformer_encoder_layer\"\nd_model = 4\nnhead = 2\nactivation = \"swish\""),
+        &["activation `swish` is not one of relu, gelu"],
+    );
+    assert_contains(
+        &build("[[layer]]\ntype = \"batch_norm2d\"\nnum_features = 3\nmomentum = 2.0"),
+        &["batch_norm: momentum 2 is not in [0, 1]"],
+    );
+    assert_contains(
+        &build(
+            "[[layer]]\ntype = \"lstm\"\ninput_size = 2\nhidden_size = 2\nnonlinearity = \"relu\"",
+        ),
+        &["lstm: takes no nonlinearity"],
     );
     assert_contains(&build("[[layer]]\nin = 3"), &["layer 0: missing `type`"]);
     assert_contains(

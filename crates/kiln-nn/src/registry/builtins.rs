@@ -6,9 +6,12 @@
 use super::{BuildContext, Registry};
 use crate::error::NnError;
 use crate::layers::{
-    Conv1d, Conv1dConfig, Conv2d, Conv2dConfig, Dropout, Embedding, Flatten, Gelu, GeluApprox, Gru,
-    LayerNorm, Linear, LinearConfig, Lstm, NormConfig, Padding1d, Padding2d, Relu, RmsNorm,
-    RnnConfig, Sigmoid, Silu, Softmax, Tanh,
+    AdaptiveAvgPool2d, AvgPool1d, AvgPool2d, BatchNorm1d, BatchNorm2d, BatchNormConfig, Conv1d,
+    Conv1dConfig, Conv2d, Conv2dConfig, Dropout, Embedding, Flatten, Gelu, GeluApprox, Gru,
+    LayerNorm, Linear, LinearConfig, Lstm, MaxPool1d, MaxPool2d, MhaConfig, MultiheadAttention,
+    NormConfig, Padding1d, Padding2d, Relu, RmsNorm, Rnn, RnnConfig, RnnNonlinearity, Sigmoid,
+    Silu, Softmax, Tanh, TransformerActivation, TransformerEncoderLayer,
+    TransformerEncoderLayerConfig,
 };
 use crate::loss::{
     BceLoss, BceWithLogitsLoss, CrossEntropyLoss, HuberLoss, KlDivLoss, KlReduction, L1Loss,
@@ -20,6 +23,7 @@ use crate::scheduler::{
     OneCycleLR, PerGroup, PlateauConfig, PlateauMode, ReduceLROnPlateau, StepLR, ThresholdMode,
 };
 use kiln_core::Tensor;
+use kiln_core::{AvgPool1dOptions, AvgPool2dOptions, MaxPool1dOptions, MaxPool2dOptions};
 use serde::Deserialize;
 
 /// Registers every built-in into `r`.
@@ -42,21 +46,64 @@ pub(super) fn register_all(r: &Registry) -> Result<(), NnError> {
     r.builtin_layer("conv1d", &[], conv1d)?;
     r.builtin_layer("conv2d", &[], conv2d)?;
     r.builtin_layer("lstm", &[], |a: RnnArgs, ctx: &mut BuildContext| {
+        let a = a.gated("lstm")?;
         Ok(Lstm::with_config(
             a.input_size,
             a.hidden_size,
-            a.config(),
+            a.config()?,
             ctx.rng(),
         ))
     })?;
     r.builtin_layer("gru", &[], |a: RnnArgs, ctx: &mut BuildContext| {
+        let a = a.gated("gru")?;
         Ok(Gru::with_config(
             a.input_size,
             a.hidden_size,
-            a.config(),
+            a.config()?,
             ctx.rng(),
         ))
     })?;
+    r.builtin_layer("rnn", &[], |a: RnnArgs, ctx: &mut BuildContext| {
+        Ok(Rnn::with_config(
+            a.input_size,
+            a.hidden_size,
+            a.config()?,
+            ctx.rng(),
+        ))
+    })?;
+    r.builtin_layer("max_pool2d", &[], max_pool2d)?;
+    r.builtin_layer("avg_pool2d", &[], avg_pool2d)?;
+    r.builtin_layer("max_pool1d", &[], max_pool1d)?;
+    r.builtin_layer("avg_pool1d", &[], avg_pool1d)?;
+    r.builtin_layer(
+        "adaptive_avg_pool2d",
+        &[],
+        |a: AdaptivePoolArgs, _: &mut BuildContext| {
+            let (h, w) = a.output_size.pair();
+            if h == 0 || w == 0 {
+                return Err(bad(
+                    "adaptive_avg_pool2d: output_size must be positive".into()
+                ));
+            }
+            Ok(AdaptiveAvgPool2d::new((h, w)))
+        },
+    )?;
+    r.builtin_layer(
+        "batch_norm1d",
+        &[],
+        |a: BatchNormArgs, _: &mut BuildContext| {
+            Ok(BatchNorm1d::with_config(a.num_features, a.config()?))
+        },
+    )?;
+    r.builtin_layer(
+        "batch_norm2d",
+        &[],
+        |a: BatchNormArgs, _: &mut BuildContext| {
+            Ok(BatchNorm2d::with_config(a.num_features, a.config()?))
+        },
+    )?;
+    r.builtin_layer("multihead_attention", &[], multihead_attention)?;
+    r.builtin_layer("transformer_encoder_layer", &[], transformer_encoder_layer)?;
 
     // Losses.
     r.builtin_loss("cross_entropy", &["CrossEntropyLoss"], cross_entropy)?;
@@ -276,6 +323,311 @@ fn check_conv(a: &ConvArgs) -> Result<(), NnError> {
     Ok(())
 }
 
+/// Kernel, stride (default: the kernel) and padding of a pooling layer, checked like torch.
+fn pool_geometry(
+    what: &str,
+    kernel: (usize, usize),
+    stride: Option<(usize, usize)>,
+    padding: (usize, usize),
+) -> Result<(), NnError> {
+    let (sh, sw) = stride.unwrap_or(kernel);
+    if kernel.0 == 0 || kernel.1 == 0 || sh == 0 || sw == 0 {
+        return Err(bad(format!(
+            "{what}: kernel_size and stride must be positive"
+        )));
+    }
+    if padding.0 > kernel.0 / 2 || padding.1 > kernel.1 / 2 {
+        return Err(bad(format!(
+            "{what}: padding {padding:?} must be at most half the kernel size {kernel:?}"
+        )));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolArgs {
+    kernel_size: PairArg,
+    stride: Option<PairArg>,
+    #[serde(default = "zero_pair")]
+    padding: PairArg,
+    #[serde(default = "one_pair")]
+    dilation: PairArg,
+    #[serde(default)]
+    ceil_mode: bool,
+    #[serde(default = "yes")]
+    count_include_pad: bool,
+}
+
+fn zero_pair() -> PairArg {
+    PairArg::One(0)
+}
+
+impl PoolArgs {
+    /// Kernel, stride and padding of a 2-D pool, validated.
+    fn geometry2d(&self, what: &str) -> Result<PoolGeometry2d, NnError> {
+        let (kernel, padding) = (self.kernel_size.pair(), self.padding.pair());
+        let stride = self.stride.as_ref().map(PairArg::pair);
+        pool_geometry(what, kernel, stride, padding)?;
+        Ok((kernel, stride, padding))
+    }
+
+    /// Kernel, stride and padding of a 1-D pool, validated.
+    fn geometry1d(&self, what: &str) -> Result<(usize, Option<usize>, usize), NnError> {
+        let one = |p: &PairArg, arg: &str| match *p {
+            PairArg::One(v) => Ok(v),
+            PairArg::Two(_) => Err(bad(format!("{what}: {arg} takes one size"))),
+        };
+        let kernel = one(&self.kernel_size, "kernel_size")?;
+        let stride = self.stride.as_ref().map(|s| one(s, "stride")).transpose()?;
+        let padding = one(&self.padding, "padding")?;
+        one(&self.dilation, "dilation")?;
+        pool_geometry(what, (kernel, 1), stride.map(|s| (s, 1)), (padding, 0))?;
+        Ok((kernel, stride, padding))
+    }
+}
+
+/// Kernel, optional stride and padding of a 2-D pool.
+type PoolGeometry2d = ((usize, usize), Option<(usize, usize)>, (usize, usize));
+
+fn max_pool2d(a: PoolArgs, _: &mut BuildContext) -> Result<MaxPool2d, NnError> {
+    let (kernel, stride, padding) = a.geometry2d("max_pool2d")?;
+    let dilation = a.dilation.pair();
+    if dilation.0 == 0 || dilation.1 == 0 {
+        return Err(bad("max_pool2d: dilation must be positive".into()));
+    }
+    Ok(MaxPool2d::with_options(MaxPool2dOptions {
+        kernel,
+        stride,
+        padding,
+        dilation,
+        ceil_mode: a.ceil_mode,
+    }))
+}
+
+fn avg_pool2d(a: PoolArgs, _: &mut BuildContext) -> Result<AvgPool2d, NnError> {
+    let (kernel, stride, padding) = a.geometry2d("avg_pool2d")?;
+    if a.dilation.pair() != (1, 1) {
+        return Err(bad("avg_pool2d: takes no dilation".into()));
+    }
+    Ok(AvgPool2d::with_options(AvgPool2dOptions {
+        kernel,
+        stride,
+        padding,
+        ceil_mode: a.ceil_mode,
+        count_include_pad: a.count_include_pad,
+        divisor_override: None,
+    }))
+}
+
+fn max_pool1d(a: PoolArgs, _: &mut BuildContext) -> Result<MaxPool1d, NnError> {
+    let (kernel, stride, padding) = a.geometry1d("max_pool1d")?;
+    let dilation = a.dilation.pair().0;
+    if dilation == 0 {
+        return Err(bad("max_pool1d: dilation must be positive".into()));
+    }
+    Ok(MaxPool1d::with_options(MaxPool1dOptions {
+        kernel,
+        stride,
+        padding,
+        dilation,
+        ceil_mode: a.ceil_mode,
+    }))
+}
+
+fn avg_pool1d(a: PoolArgs, _: &mut BuildContext) -> Result<AvgPool1d, NnError> {
+    let (kernel, stride, padding) = a.geometry1d("avg_pool1d")?;
+    if a.dilation.pair() != (1, 1) {
+        return Err(bad("avg_pool1d: takes no dilation".into()));
+    }
+    Ok(AvgPool1d::with_options(AvgPool1dOptions {
+        kernel,
+        stride,
+        padding,
+        ceil_mode: a.ceil_mode,
+        count_include_pad: a.count_include_pad,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdaptivePoolArgs {
+    output_size: PairArg,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchNormArgs {
+    num_features: usize,
+    #[serde(default = "default_bn_eps")]
+    eps: f64,
+    /// A number, or `false` for torch's `momentum=None` (cumulative average).
+    #[serde(default)]
+    momentum: Option<MomentumArg>,
+    #[serde(default = "yes")]
+    affine: bool,
+    #[serde(default = "yes")]
+    track_running_stats: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum MomentumArg {
+    Value(f64),
+    Off(bool),
+}
+
+fn default_bn_eps() -> f64 {
+    1e-5
+}
+
+impl BatchNormArgs {
+    fn config(&self) -> Result<BatchNormConfig, NnError> {
+        if self.num_features == 0 || self.eps.is_nan() || self.eps < 0.0 {
+            return Err(bad(
+                "batch_norm: num_features must be positive and eps non-negative".into(),
+            ));
+        }
+        let momentum = match self.momentum {
+            None => Some(0.1),
+            Some(MomentumArg::Value(m)) if (0.0..=1.0).contains(&m) => Some(m),
+            Some(MomentumArg::Value(m)) => {
+                return Err(bad(format!("batch_norm: momentum {m} is not in [0, 1]")))
+            }
+            Some(MomentumArg::Off(false)) => None,
+            Some(MomentumArg::Off(true)) => {
+                return Err(bad(
+                    "batch_norm: momentum takes a number, or false for a cumulative average".into(),
+                ))
+            }
+        };
+        Ok(BatchNormConfig {
+            eps: self.eps,
+            momentum,
+            affine: self.affine,
+            track_running_stats: self.track_running_stats,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MhaArgs {
+    embed_dim: usize,
+    num_heads: usize,
+    #[serde(default)]
+    dropout: f64,
+    #[serde(default = "yes")]
+    bias: bool,
+    kdim: Option<usize>,
+    vdim: Option<usize>,
+    #[serde(default = "yes")]
+    batch_first: bool,
+}
+
+/// The checks shared by attention layers: heads divide the width, dropout is a probability.
+fn check_heads(what: &str, dim: usize, heads: usize, dropout: f64) -> Result<(), NnError> {
+    if heads == 0 || dim == 0 || !dim.is_multiple_of(heads) {
+        return Err(bad(format!(
+            "{what}: num_heads = {heads} must be positive and divide the width {dim}"
+        )));
+    }
+    if !(0.0..1.0).contains(&dropout) {
+        return Err(bad(format!("{what}: dropout {dropout} is not in [0, 1)")));
+    }
+    Ok(())
+}
+
+fn multihead_attention(a: MhaArgs, ctx: &mut BuildContext) -> Result<MultiheadAttention, NnError> {
+    check_heads("multihead_attention", a.embed_dim, a.num_heads, a.dropout)?;
+    let config = MhaConfig {
+        num_heads: a.num_heads,
+        dropout: a.dropout,
+        bias: a.bias,
+        kdim: a.kdim,
+        vdim: a.vdim,
+        batch_first: a.batch_first,
+    };
+    Ok(MultiheadAttention::with_config(
+        a.embed_dim,
+        config,
+        ctx.rng(),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EncoderLayerArgs {
+    d_model: usize,
+    nhead: usize,
+    #[serde(default = "default_ff")]
+    dim_feedforward: usize,
+    #[serde(default = "default_dropout")]
+    dropout: f64,
+    #[serde(default = "default_activation")]
+    activation: String,
+    #[serde(default = "default_ln_eps")]
+    layer_norm_eps: f64,
+    #[serde(default = "yes")]
+    batch_first: bool,
+    #[serde(default)]
+    norm_first: bool,
+    #[serde(default = "yes")]
+    bias: bool,
+}
+
+fn default_ff() -> usize {
+    2048
+}
+
+fn default_dropout() -> f64 {
+    0.1
+}
+
+fn default_activation() -> String {
+    "relu".into()
+}
+
+fn default_ln_eps() -> f64 {
+    1e-5
+}
+
+fn transformer_encoder_layer(
+    a: EncoderLayerArgs,
+    ctx: &mut BuildContext,
+) -> Result<TransformerEncoderLayer, NnError> {
+    check_heads("transformer_encoder_layer", a.d_model, a.nhead, a.dropout)?;
+    let activation = match a.activation.to_ascii_lowercase().as_str() {
+        "relu" => TransformerActivation::Relu,
+        "gelu" => TransformerActivation::Gelu,
+        other => {
+            return Err(bad(format!(
+                "transformer_encoder_layer: activation `{other}` is not one of relu, gelu"
+            )))
+        }
+    };
+    if a.dim_feedforward == 0 {
+        return Err(bad(
+            "transformer_encoder_layer: dim_feedforward must be positive".into(),
+        ));
+    }
+    let config = TransformerEncoderLayerConfig {
+        nhead: a.nhead,
+        dim_feedforward: a.dim_feedforward,
+        dropout: a.dropout,
+        activation,
+        layer_norm_eps: a.layer_norm_eps,
+        batch_first: a.batch_first,
+        norm_first: a.norm_first,
+        bias: a.bias,
+    };
+    Ok(TransformerEncoderLayer::with_config(
+        a.d_model,
+        config,
+        ctx.rng(),
+    ))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RnnArgs {
@@ -291,17 +643,48 @@ struct RnnArgs {
     dropout: f64,
     #[serde(default)]
     bidirectional: bool,
+    /// `tanh` or `relu` (plain RNN only).
+    #[serde(default)]
+    nonlinearity: Option<String>,
 }
 
 impl RnnArgs {
-    fn config(&self) -> RnnConfig {
-        RnnConfig {
+    fn config(&self) -> Result<RnnConfig, NnError> {
+        let nonlinearity = match self.nonlinearity.as_deref() {
+            None | Some("tanh") => RnnNonlinearity::Tanh,
+            Some("relu") => RnnNonlinearity::Relu,
+            Some(other) => {
+                return Err(bad(format!(
+                    "rnn: nonlinearity `{other}` is not one of tanh, relu"
+                )))
+            }
+        };
+        if self.input_size == 0 || self.hidden_size == 0 || self.num_layers == 0 {
+            return Err(bad(
+                "rnn: input_size, hidden_size and num_layers must be positive".into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(bad(format!(
+                "rnn: dropout {} is not in [0, 1)",
+                self.dropout
+            )));
+        }
+        Ok(RnnConfig {
             num_layers: self.num_layers,
             bias: self.bias,
             batch_first: self.batch_first,
             dropout: self.dropout,
             bidirectional: self.bidirectional,
-            ..RnnConfig::default()
+            nonlinearity,
+        })
+    }
+
+    /// Arguments of an LSTM or GRU, which have no `nonlinearity`.
+    fn gated(self, what: &str) -> Result<Self, NnError> {
+        match self.nonlinearity {
+            Some(_) => Err(bad(format!("{what}: takes no nonlinearity"))),
+            None => Ok(self),
         }
     }
 }
