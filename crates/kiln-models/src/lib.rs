@@ -11,6 +11,7 @@ pub mod bert;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod generation;
 pub mod remap;
 
 pub use bert::{
@@ -19,4 +20,5 @@ pub use bert::{
 };
 pub use config::HfConfig;
 pub use error::ModelError;
+pub use generation::{generate, CausalLm, GenerationConfig, Generated, StopReason};
 pub use remap::KeyMap;
