@@ -3,6 +3,7 @@
 //!
 //! - [`bert`]: `BertModel` (+ pooler), sentence embeddings, `BertForSequenceClassification`,
 //!   `BertForTokenClassification`, `from_pretrained` / `save_pretrained`.
+//! - [`gpt2`]: `GPT2LMHeadModel` with a KV cache, `from_pretrained` / `save_pretrained`.
 //! - [`config`]: typed access to HF `config.json` fields with precise errors.
 //! - [`remap`]: [`KeyMap`], declarative renaming / splitting / transposing of checkpoint keys.
 //! - [`checkpoint`]: reading safetensors checkpoints and finding the local model cache.
@@ -12,6 +13,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generation;
+pub mod gpt2;
 pub mod remap;
 
 pub use bert::{
@@ -20,5 +22,9 @@ pub use bert::{
 };
 pub use config::HfConfig;
 pub use error::ModelError;
-pub use generation::{generate, CausalLm, GenerationConfig, Generated, StopReason};
+pub use generation::{generate, CausalLm, Generated, GenerationConfig, StopReason};
+pub use gpt2::{
+    gpt2_key_map, gpt2_tokenizer_files, GPT2LMHeadModel, Gpt2Activation, Gpt2Cache, Gpt2Config,
+    Gpt2Model,
+};
 pub use remap::KeyMap;
