@@ -117,9 +117,9 @@ pub struct Gpt2Config {
     pub scale_attn_by_inverse_layer_idx: bool,
     /// The LM head shares the token embedding (true).
     pub tie_word_embeddings: bool,
-    /// Beginning-of-text token (50256).
+    /// Beginning-of-text token (50256; none when config.json has none).
     pub bos_token_id: Option<u32>,
-    /// End-of-text token (50256).
+    /// End-of-text token (50256; none when config.json has none).
     pub eos_token_id: Option<u32>,
     /// Other config.json fields, kept as they are for [`Gpt2Config::to_json`].
     pub extra: Map<String, Value>,
@@ -177,14 +177,18 @@ const KNOWN_FIELDS: &[&str] = &[
 
 impl Gpt2Config {
     /// A small configuration (for tests and experiments): the given sizes, 128 positions, no
-    /// dropout, other fields at their defaults.
+    /// dropout, BOS/EOS 50256 only when the vocabulary holds it, other fields at their
+    /// defaults.
     pub fn small(vocab_size: usize, n_embd: usize, n_layer: usize, n_head: usize) -> Self {
+        let eot = (vocab_size > 50256).then_some(50256);
         Gpt2Config {
             vocab_size,
             n_embd,
             n_layer,
             n_head,
             n_positions: 128,
+            bos_token_id: eot,
+            eos_token_id: eot,
             ..Self::default()
         }
         .dropout(0.0)
@@ -1188,4 +1192,575 @@ fn write_safetensors_f32(sd: &StateDict, path: &Path) -> Result<(), ModelError> 
     let tmp = path.with_extension("safetensors.tmp");
     safetensors::serialize_to_file(views, &metadata, &tmp).map_err(|e| err(e.to_string()))?;
     std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::write_safetensors;
+    use kiln_nn::layers::gradcheck_module;
+
+    fn tiny() -> Gpt2Config {
+        Gpt2Config::small(11, 8, 2, 2).n_positions(8)
+    }
+
+    fn ids(rows: &[&[i64]]) -> Tensor {
+        let l = rows[0].len();
+        Tensor::from_vec(rows.concat(), [rows.len(), l])
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("kiln-gpt2-{tag}-{}", std::process::id()));
+        std::fs::remove_dir_all(&d).ok();
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+    }
+
+    const GPT2_CONFIG: &str = r#"{
+      "activation_function": "gelu_new",
+      "architectures": ["GPT2LMHeadModel"],
+      "attn_pdrop": 0.1,
+      "bos_token_id": 50256,
+      "embd_pdrop": 0.1,
+      "eos_token_id": 50256,
+      "initializer_range": 0.02,
+      "layer_norm_epsilon": 1e-05,
+      "model_type": "gpt2",
+      "n_ctx": 1024,
+      "n_embd": 768,
+      "n_head": 12,
+      "n_layer": 12,
+      "n_positions": 1024,
+      "resid_pdrop": 0.1,
+      "summary_type": "cls_index",
+      "task_specific_params": {"text-generation": {"do_sample": true, "max_length": 50}},
+      "vocab_size": 50257
+    }"#;
+
+    #[test]
+    fn config_parses_hf_json_with_defaults_and_round_trips() {
+        let c = Gpt2Config::from_json_str(GPT2_CONFIG, "config.json").unwrap();
+        assert_eq!(c.n_embd, 768);
+        assert_eq!(c.inner_size(), 3072);
+        assert_eq!(c.activation_function, Gpt2Activation::GeluNew);
+        assert!(c.tie_word_embeddings && c.scale_attn_weights);
+        assert!(!c.scale_attn_by_inverse_layer_idx);
+        assert_eq!(c.eos_token_id, Some(50256));
+        assert_eq!(c.extra["summary_type"], "cls_index");
+        let mut defaults = Gpt2Config::default();
+        defaults.extra = c.extra.clone();
+        assert_eq!(c, defaults);
+        let back = Gpt2Config::from_json_str(&c.to_json(), "saved").unwrap();
+        assert_eq!(back, c);
+        let v = c.to_json_value();
+        assert_eq!(v["architectures"][0], "GPT2LMHeadModel");
+        assert_eq!(
+            v["task_specific_params"]["text-generation"]["max_length"],
+            50
+        );
+        // Non-default fields survive the round trip too.
+        let odd = tiny()
+            .n_inner(5)
+            .activation(Gpt2Activation::Relu)
+            .tie_word_embeddings(false)
+            .attention_scaling(false, true);
+        assert_eq!(Gpt2Config::from_json_str(&odd.to_json(), "x").unwrap(), odd);
+        let swish = Gpt2Config::from_json_str(r#"{"activation_function": "swish"}"#, "x");
+        assert_eq!(swish.unwrap().activation_function, Gpt2Activation::Silu);
+    }
+
+    #[test]
+    fn config_errors_name_file_and_field() {
+        let err = |json: &str| {
+            Gpt2Config::from_json_str(json, "cfg.json")
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err(r#"{"activation_function": "mish"}"#),
+            "cfg.json: field `activation_function`: unsupported activation \"mish\" (supported: gelu_new, gelu_pytorch_tanh, gelu, relu, silu, swish, tanh, sigmoid)"
+        );
+        assert_eq!(
+            err(r#"{"n_embd": 32, "n_head": 5}"#),
+            "cfg.json: field `n_head`: 5 does not divide n_embd 32"
+        );
+        assert_eq!(
+            err(r#"{"model_type": "bert"}"#),
+            "cfg.json: field `model_type` is \"bert\", expected \"gpt2\""
+        );
+        assert!(err(r#"{"add_cross_attention": true}"#).contains("cross-attention"));
+        assert_eq!(
+            err(r#"{"n_ctx": 512}"#),
+            "cfg.json: field `n_ctx`: is 512 but n_positions is 1024; they must agree"
+        );
+        assert_eq!(
+            err(r#"{"vocab_size": 10, "bos_token_id": 3, "eos_token_id": 10}"#),
+            "cfg.json: field `eos_token_id`: 10 is outside the vocabulary (vocab_size 10)"
+        );
+        assert_eq!(
+            err(r#"{"attn_pdrop": 1.5}"#),
+            "cfg.json: field `attn_pdrop`: must be in [0, 1], got 1.5"
+        );
+        assert_eq!(
+            err(r#"{"n_layer": 0}"#),
+            "cfg.json: field `n_layer`: must be positive, got 0"
+        );
+        assert!(err(r#"{"n_embd": "big"}"#).starts_with("cfg.json: field `n_embd`: invalid type"));
+    }
+
+    #[test]
+    fn parameter_names_are_hf_names() {
+        let m = GPT2LMHeadModel::new(&tiny(), &mut Rng::new(0));
+        let names: Vec<(String, Vec<usize>)> = m
+            .named_parameters()
+            .into_iter()
+            .map(|(n, p)| (n, p.dims().to_vec()))
+            .collect();
+        let block = |i: usize| -> Vec<(String, Vec<usize>)> {
+            [
+                ("ln_1.weight", vec![8]),
+                ("ln_1.bias", vec![8]),
+                ("attn.c_attn.weight", vec![24, 8]),
+                ("attn.c_attn.bias", vec![24]),
+                ("attn.c_proj.weight", vec![8, 8]),
+                ("attn.c_proj.bias", vec![8]),
+                ("ln_2.weight", vec![8]),
+                ("ln_2.bias", vec![8]),
+                ("mlp.c_fc.weight", vec![32, 8]),
+                ("mlp.c_fc.bias", vec![32]),
+                ("mlp.c_proj.weight", vec![8, 32]),
+                ("mlp.c_proj.bias", vec![8]),
+            ]
+            .into_iter()
+            .map(|(n, s)| (format!("transformer.h.{i}.{n}"), s))
+            .collect()
+        };
+        let mut want = vec![
+            ("transformer.wte.weight".to_string(), vec![11, 8]),
+            ("transformer.wpe.weight".to_string(), vec![8, 8]),
+        ];
+        want.extend(block(0));
+        want.extend(block(1));
+        want.push(("transformer.ln_f.weight".to_string(), vec![8]));
+        want.push(("transformer.ln_f.bias".to_string(), vec![8]));
+        assert_eq!(names, want);
+        // An untied head adds lm_head.weight (no bias); HF's init std for c_proj is smaller.
+        let untied = GPT2LMHeadModel::new(&tiny().tie_word_embeddings(false), &mut Rng::new(0));
+        let sd = untied.state_dict();
+        assert_eq!(sd.get("lm_head.weight").unwrap().dims(), &[11, 8]);
+        assert!(sd.get("lm_head.bias").is_none());
+        assert_eq!(sd.len(), want.len() + 1);
+        let big = GPT2LMHeadModel::new(&Gpt2Config::small(11, 64, 8, 2), &mut Rng::new(1));
+        let std = |k: &str| {
+            let v = big.state_dict().get(k).unwrap().to_f64_vec();
+            (v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64).sqrt()
+        };
+        let (fc, proj) = (
+            std("transformer.h.0.mlp.c_fc.weight"),
+            std("transformer.h.0.mlp.c_proj.weight"),
+        );
+        assert!((fc - 0.02).abs() < 0.002, "{fc}");
+        assert!((proj - 0.02 / 4.0).abs() < 0.0005, "{proj}");
+    }
+
+    /// GPT-2's forward in plain f64 loops over heads and positions, from the state dict.
+    fn naive_logits(m: &GPT2LMHeadModel, tokens: &[usize]) -> Vec<f64> {
+        let c = m.config();
+        let sd = m.state_dict();
+        let w = |k: &str| sd.get(k).unwrap_or_else(|| panic!("{k}")).to_f64_vec();
+        let (e, h, l) = (c.n_embd, c.n_head, tokens.len());
+        let d = e / h;
+        let ln = |x: &[f64], wt: &[f64], b: &[f64]| -> Vec<f64> {
+            x.chunks(e)
+                .flat_map(|r| {
+                    let mean = r.iter().sum::<f64>() / e as f64;
+                    let var = r.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / e as f64;
+                    let s = (var + c.layer_norm_epsilon).sqrt();
+                    r.iter()
+                        .enumerate()
+                        .map(move |(i, v)| (v - mean) / s * wt[i] + b[i])
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        // x [l, in] · W[out, in]ᵀ + b.
+        let lin = |x: &[f64], wt: &[f64], b: Option<&[f64]>, n_in: usize| -> Vec<f64> {
+            let n_out = wt.len() / n_in;
+            let mut y = vec![0.0; l * n_out];
+            for i in 0..l {
+                for o in 0..n_out {
+                    let mut acc = b.map_or(0.0, |b| b[o]);
+                    for k in 0..n_in {
+                        acc += x[i * n_in + k] * wt[o * n_in + k];
+                    }
+                    y[i * n_out + o] = acc;
+                }
+            }
+            y
+        };
+        let (wte, wpe) = (w("transformer.wte.weight"), w("transformer.wpe.weight"));
+        let mut x: Vec<f64> = (0..l * e)
+            .map(|k| wte[tokens[k / e] * e + k % e] + wpe[k])
+            .collect();
+        for layer in 0..c.n_layer {
+            let p = |n: &str| w(&format!("transformer.h.{layer}.{n}"));
+            let a = ln(&x, &p("ln_1.weight"), &p("ln_1.bias"));
+            let qkv = lin(
+                &a,
+                &p("attn.c_attn.weight"),
+                Some(&p("attn.c_attn.bias")),
+                e,
+            );
+            let mut scale = if c.scale_attn_weights {
+                1.0 / (d as f64).sqrt()
+            } else {
+                1.0
+            };
+            if c.scale_attn_by_inverse_layer_idx {
+                scale /= (layer + 1) as f64;
+            }
+            let mut ctx = vec![0.0; l * e];
+            for head in 0..h {
+                for i in 0..l {
+                    let q = |k: usize| qkv[i * 3 * e + head * d + k];
+                    let scores: Vec<f64> = (0..=i)
+                        .map(|j| {
+                            (0..d)
+                                .map(|k| q(k) * qkv[j * 3 * e + e + head * d + k])
+                                .sum::<f64>()
+                                * scale
+                        })
+                        .collect();
+                    let top = scores.iter().cloned().fold(f64::MIN, f64::max);
+                    let z: f64 = scores.iter().map(|s| (s - top).exp()).sum();
+                    for (j, s) in scores.iter().enumerate() {
+                        let pj = (s - top).exp() / z;
+                        for k in 0..d {
+                            ctx[i * e + head * d + k] += pj * qkv[j * 3 * e + 2 * e + head * d + k];
+                        }
+                    }
+                }
+            }
+            let o = lin(
+                &ctx,
+                &p("attn.c_proj.weight"),
+                Some(&p("attn.c_proj.bias")),
+                e,
+            );
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            let a = ln(&x, &p("ln_2.weight"), &p("ln_2.bias"));
+            let inner = c.inner_size();
+            let f = lin(&a, &p("mlp.c_fc.weight"), Some(&p("mlp.c_fc.bias")), e);
+            let f: Vec<f64> = f
+                .iter()
+                .map(|&v| match c.activation_function {
+                    Gpt2Activation::Relu => v.max(0.0),
+                    Gpt2Activation::GeluNew => {
+                        0.5 * v
+                            * (1.0
+                                + ((2.0 / std::f64::consts::PI).sqrt()
+                                    * (v + 0.044715 * v.powi(3)))
+                                .tanh())
+                    }
+                    other => panic!("naive_logits: no reference for {other:?}"),
+                })
+                .collect();
+            let o = lin(
+                &f,
+                &p("mlp.c_proj.weight"),
+                Some(&p("mlp.c_proj.bias")),
+                inner,
+            );
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+        }
+        let x = ln(
+            &x,
+            &w("transformer.ln_f.weight"),
+            &w("transformer.ln_f.bias"),
+        );
+        let head = if c.tie_word_embeddings {
+            wte
+        } else {
+            w("lm_head.weight")
+        };
+        lin(&x, &head, None, e)
+    }
+
+    #[test]
+    fn forward_matches_a_naive_per_head_reference_for_every_option() {
+        let configs = [
+            tiny(),
+            tiny()
+                .n_inner(12)
+                .activation(Gpt2Activation::Relu)
+                .tie_word_embeddings(false)
+                .attention_scaling(false, true),
+        ];
+        for (ci, c) in configs.iter().enumerate() {
+            let m = GPT2LMHeadModel::with_dtype(c, DType::F64, &mut Rng::new(7));
+            // Larger weights than the init, so that attention is far from uniform.
+            for (_, p) in m.named_parameters() {
+                let t = Tensor::zeros(p.dims());
+                init::normal_(&t, 0.0, 0.5, &mut Rng::new(ci as u64 + 11));
+                p.tensor().assign(&t.to_dtype(DType::F64));
+            }
+            let tokens = [3usize, 9, 0, 10, 4, 4];
+            let x = Tensor::from_vec(tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, 6]);
+            let got = m.forward(&x, None).to_f64_vec();
+            let d = max_abs_diff(&got, &naive_logits(&m, &tokens));
+            assert!(d < 1e-10, "config {ci}: max |Δ| {d}");
+        }
+    }
+
+    #[test]
+    fn later_tokens_do_not_change_earlier_logits_and_dropout_only_trains() {
+        let m = GPT2LMHeadModel::new(&tiny().dropout(0.5), &mut Rng::new(2));
+        m.eval();
+        let a = m.forward(&ids(&[&[1, 2, 3, 4]]), None).to_vec::<f32>();
+        let b = m.forward(&ids(&[&[1, 2, 3, 9]]), None).to_vec::<f32>();
+        assert_eq!(a[..3 * 11], b[..3 * 11]);
+        assert_ne!(a[3 * 11..], b[3 * 11..]);
+        assert_eq!(a, m.forward(&ids(&[&[1, 2, 3, 4]]), None).to_vec::<f32>());
+        m.train();
+        let t = m.forward(&ids(&[&[1, 2, 3, 4]]), None).to_vec::<f32>();
+        assert_ne!(a, t);
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "Gpt2Model: input_ids must be an integer [batch, seq] tensor, got f32 [1, 3]"
+    )]
+    fn rejects_float_ids() {
+        GPT2LMHeadModel::new(&tiny(), &mut Rng::new(0)).forward(&Tensor::zeros([1, 3]), None);
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "Gpt2Model: attention_mask shape [1, 2] does not match input_ids [1, 3]"
+    )]
+    fn rejects_mask_of_other_shape() {
+        let m = GPT2LMHeadModel::new(&tiny(), &mut Rng::new(0));
+        m.forward(&ids(&[&[1, 2, 3]]), Some(&ids(&[&[1, 1]])));
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "Gpt2Model: 6 cached + 3 new positions (input_ids [1, 3]) must be in 1..=8 (n_positions)"
+    )]
+    fn rejects_sequences_past_n_positions() {
+        let m = GPT2LMHeadModel::new(&tiny(), &mut Rng::new(0));
+        let mut cache = m.new_cache();
+        m.forward_with_cache(&ids(&[&[1, 2, 3, 4, 5, 6]]), None, &mut cache);
+        m.forward_with_cache(&ids(&[&[1, 2, 3]]), None, &mut cache);
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "Gpt2Model: token id 11 in input_ids [1, 2] is outside the vocabulary (vocab_size 11)"
+    )]
+    fn rejects_ids_outside_the_vocabulary() {
+        GPT2LMHeadModel::new(&tiny(), &mut Rng::new(0)).forward(&ids(&[&[1, 11]]), None);
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "Gpt2Model: input_ids [1, 1] has batch 1 but the cache holds batch 2"
+    )]
+    fn rejects_a_cache_of_another_batch() {
+        let m = GPT2LMHeadModel::new(&tiny(), &mut Rng::new(0));
+        let mut cache = m.new_cache();
+        m.forward_with_cache(&ids(&[&[1, 2], &[3, 4]]), None, &mut cache);
+        assert_eq!((cache.len(), cache.batch_size()), (2, 2));
+        assert_eq!(cache.layer(1).unwrap().0.dims(), &[2, 2, 2, 4]);
+        m.forward_with_cache(&ids(&[&[1]]), None, &mut cache);
+    }
+
+    #[test]
+    fn bare_and_old_checkpoints_load_and_misfits_are_precise_errors() {
+        let src = GPT2LMHeadModel::new(&tiny(), &mut Rng::new(4));
+        let hf = src.hf_state_dict().unwrap();
+        assert_eq!(
+            hf.get("transformer.h.0.attn.c_attn.weight").unwrap().dims(),
+            &[8, 24]
+        );
+        let x = ids(&[&[1, 5, 7]]);
+        let want = src.forward(&x, None).to_vec::<f32>();
+        let save = |dir: &Path, sd: &StateDict| {
+            std::fs::write(dir.join("config.json"), tiny().to_json()).unwrap();
+            write_safetensors(sd, &dir.join("model.safetensors"));
+        };
+        // A bare GPT2Model checkpoint (no `transformer.`) with the old causal-mask buffers
+        // and a tied lm_head.weight copy.
+        let dir = temp_dir("bare");
+        let mut old: StateDict = hf
+            .iter()
+            .map(|(k, t)| {
+                (
+                    k.strip_prefix("transformer.").unwrap().to_string(),
+                    t.clone(),
+                )
+            })
+            .collect();
+        old.insert("h.0.attn.bias", Tensor::ones([1, 1, 8, 8]));
+        old.insert("h.0.attn.masked_bias", Tensor::full([1], -1e4f32));
+        old.insert(
+            "lm_head.weight",
+            hf.get("transformer.wte.weight").unwrap().clone(),
+        );
+        save(&dir, &old);
+        let m = GPT2LMHeadModel::from_pretrained(&dir).unwrap();
+        assert_eq!(m.forward(&x, None).to_vec::<f32>(), want);
+        assert!(m.tokenizer_files().is_none());
+        // Missing, unexpected and mis-shaped tensors.
+        let mut missing = hf.clone();
+        missing = missing
+            .iter()
+            .filter(|(k, _)| *k != "transformer.h.1.mlp.c_fc.bias")
+            .map(|(k, t)| (k.to_string(), t.clone()))
+            .collect();
+        save(&dir, &missing);
+        let e = GPT2LMHeadModel::from_pretrained(&dir)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("checkpoint does not fit GPT2LMHeadModel: 1 tensors missing: transformer.h.1.mlp.c_fc.bias"),
+            "{e}"
+        );
+        let mut extra = hf.clone();
+        extra.insert("transformer.h.0.attn.q_attn.weight", Tensor::zeros([8, 8]));
+        save(&dir, &extra);
+        let e = GPT2LMHeadModel::from_pretrained(&dir)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("1 unexpected tensors: transformer.h.0.attn.q_attn.weight"),
+            "{e}"
+        );
+        let mut wrong = hf.clone();
+        wrong.insert("transformer.wpe.weight", Tensor::zeros([9, 8]));
+        save(&dir, &wrong);
+        let e = GPT2LMHeadModel::from_pretrained(&dir)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("transformer.wpe.weight") && e.contains("[9, 8]"),
+            "{e}"
+        );
+        std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+        let e = GPT2LMHeadModel::from_pretrained(&dir)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.safetensors: file not found"), "{e}");
+        std::fs::remove_file(dir.join("config.json")).unwrap();
+        let e = GPT2LMHeadModel::from_pretrained(&dir)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("config.json: file not found"), "{e}");
+        let e = src
+            .save_pretrained_with_tokenizer(dir.join("out"), &dir)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("file not found (a tokenizer"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn untied_models_save_and_load_their_head_and_tokenizer_dirs_are_copied() {
+        let c = tiny().tie_word_embeddings(false);
+        let src = GPT2LMHeadModel::new(&c, &mut Rng::new(5));
+        let tok = temp_dir("tok");
+        std::fs::write(tok.join("encoder.json"), "{\"a\": 0}").unwrap();
+        std::fs::write(tok.join("vocab.bpe"), "#version: 0.2\n").unwrap();
+        std::fs::write(tok.join("tokenizer_config.json"), "{}").unwrap();
+        let dir = temp_dir("untied");
+        src.save_pretrained_with_tokenizer(&dir, &tok).unwrap();
+        for f in [
+            "vocab.json",
+            "merges.txt",
+            "tokenizer_config.json",
+            "config.json",
+        ] {
+            assert!(dir.join(f).is_file(), "{f}");
+        }
+        let back = GPT2LMHeadModel::from_pretrained(&dir).unwrap();
+        assert!(back.lm_head.is_some());
+        let (v, m) = back.tokenizer_files().unwrap();
+        assert_eq!(
+            (v, m),
+            (
+                dir.join("vocab.json").as_path(),
+                dir.join("merges.txt").as_path()
+            )
+        );
+        let x = ids(&[&[2, 3, 4]]);
+        assert_eq!(
+            back.forward(&x, None).to_vec::<f32>(),
+            src.forward(&x, None).to_vec::<f32>()
+        );
+        // Saving into the directory it was loaded from keeps its tokenizer files.
+        back.save_pretrained(&dir).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("vocab.json")).unwrap(),
+            "{\"a\": 0}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+        std::fs::remove_dir_all(&tok).ok();
+    }
+
+    /// Logits of a left-padded batch, fed as a prefix then one token, through the cache.
+    #[derive(Module)]
+    struct Probe {
+        model: GPT2LMHeadModel,
+        #[module(skip)]
+        prefix: Tensor,
+        #[module(skip)]
+        mask: Tensor,
+        #[module(skip)]
+        next: Tensor,
+    }
+
+    impl Forward for Probe {
+        fn forward(&self, _x: &Tensor) -> Tensor {
+            let mut cache = self.model.new_cache();
+            let a = self
+                .model
+                .forward_with_cache(&self.prefix, Some(&self.mask), &mut cache);
+            let b = self.model.forward_with_cache(&self.next, None, &mut cache);
+            Tensor::cat(
+                &[a.reshape([a.elem_count()]), b.reshape([b.elem_count()])],
+                0,
+            )
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_f64_through_mask_and_cache() {
+        let configs = [
+            Gpt2Config::small(7, 4, 1, 2).n_positions(4),
+            Gpt2Config::small(7, 4, 2, 2)
+                .n_positions(4)
+                .n_inner(6)
+                .tie_word_embeddings(false)
+                .attention_scaling(false, true),
+        ];
+        for c in &configs {
+            let model = GPT2LMHeadModel::with_dtype(c, DType::F64, &mut Rng::new(9));
+            model.eval();
+            let probe = Probe {
+                model,
+                prefix: ids(&[&[0, 2, 5], &[3, 1, 6]]),
+                mask: ids(&[&[0, 1, 1], &[1, 1, 1]]),
+                next: ids(&[&[4], &[2]]),
+            };
+            gradcheck_module(&probe, &Tensor::zeros_dtype([1], DType::F64)).unwrap();
+        }
+    }
 }
