@@ -1255,8 +1255,10 @@ mod tests {
         assert!(!c.scale_attn_by_inverse_layer_idx);
         assert_eq!(c.eos_token_id, Some(50256));
         assert_eq!(c.extra["summary_type"], "cls_index");
-        let mut defaults = Gpt2Config::default();
-        defaults.extra = c.extra.clone();
+        let defaults = Gpt2Config {
+            extra: c.extra.clone(),
+            ..Gpt2Config::default()
+        };
         assert_eq!(c, defaults);
         let back = Gpt2Config::from_json_str(&c.to_json(), "saved").unwrap();
         assert_eq!(back, c);
