@@ -6,6 +6,7 @@
 //! - [`llama`]: `LlamaForCausalLM` (GQA, RoPE with scaling, SwiGLU, KV cache) from GGUF files,
 //!   dense or block-quantised; [`generation`]: greedy and sampled decoding for any [`CausalLm`];
 //!   [`gguf_tokenizer`]: the tokenizer and chat template inside a GGUF file.
+//! - [`gpt2`]: `GPT2LMHeadModel` with a KV cache, `from_pretrained` / `save_pretrained`.
 //! - [`config`]: typed access to HF `config.json` fields with precise errors.
 //! - [`remap`]: [`KeyMap`], declarative renaming / splitting / transposing of checkpoint keys.
 //! - [`checkpoint`]: reading safetensors checkpoints and finding the local model cache.
@@ -16,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod generation;
 pub mod gguf_tokenizer;
+pub mod gpt2;
 pub mod llama;
 pub mod remap;
 
@@ -27,5 +29,9 @@ pub use config::HfConfig;
 pub use error::ModelError;
 pub use generation::{generate, CausalLm, Generated, GenerationConfig, StopReason};
 pub use gguf_tokenizer::tokenizer_from_gguf;
+pub use gpt2::{
+    gpt2_key_map, gpt2_tokenizer_files, GPT2LMHeadModel, Gpt2Activation, Gpt2Cache, Gpt2Config,
+    Gpt2Model,
+};
 pub use llama::{KvCache, LlamaConfig, LlamaForCausalLM, QuantActivations, RopeScaling};
 pub use remap::KeyMap;
