@@ -215,3 +215,89 @@ impl ZipIndex {
         Ok(Some(&b[e.data.clone()]))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-member archive whose sizes and offsets all live in zip64 records (as writers emit
+    /// for archives over 4 GiB).
+    fn zip64_archive(data: &[u8]) -> Vec<u8> {
+        let name = b"arch/data/0";
+        let n = data.len() as u64;
+        let mut b = Vec::new();
+        b.extend_from_slice(&LOCAL_SIG.to_le_bytes());
+        b.extend_from_slice(&[45, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        b.extend_from_slice(&[0xff; 8]);
+        b.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        b.extend_from_slice(&20u16.to_le_bytes());
+        b.extend_from_slice(name);
+        b.extend_from_slice(&[1, 0, 16, 0]);
+        b.extend_from_slice(&n.to_le_bytes());
+        b.extend_from_slice(&n.to_le_bytes());
+        b.extend_from_slice(data);
+        let cd = b.len() as u64;
+        b.extend_from_slice(&CENTRAL_SIG.to_le_bytes());
+        b.extend_from_slice(&[45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        b.extend_from_slice(&[0xff; 8]);
+        b.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        b.extend_from_slice(&28u16.to_le_bytes());
+        b.extend_from_slice(&[0; 10]);
+        b.extend_from_slice(&[0xff; 4]);
+        b.extend_from_slice(name);
+        b.extend_from_slice(&[1, 0, 24, 0]);
+        b.extend_from_slice(&n.to_le_bytes());
+        b.extend_from_slice(&n.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        let cd_size = b.len() as u64 - cd;
+        let z = b.len() as u64;
+        b.extend_from_slice(&ZIP64_EOCD_SIG.to_le_bytes());
+        b.extend_from_slice(&44u64.to_le_bytes());
+        b.extend_from_slice(&[45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        for v in [1u64, 1, cd_size, cd] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&ZIP64_LOCATOR_SIG.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&z.to_le_bytes());
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&EOCD_SIG.to_le_bytes());
+        b.extend_from_slice(&[0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+        b.extend_from_slice(&[0xff; 8]);
+        b.extend_from_slice(&[0, 0]);
+        b
+    }
+
+    #[test]
+    fn zip64_records_are_followed() {
+        let b = zip64_archive(b"hello torch");
+        assert!(is_zip(&b));
+        let idx = read_index(&b).unwrap();
+        assert_eq!(idx.names, ["arch/data/0"]);
+        assert_eq!(
+            idx.get(&b, "arch/data/0").unwrap(),
+            Some(&b"hello torch"[..])
+        );
+        assert_eq!(idx.get(&b, "arch/data/1").unwrap(), None);
+    }
+
+    #[test]
+    fn truncated_or_corrupt_archives_are_errors() {
+        let b = zip64_archive(b"hello torch");
+        for n in 0..b.len() {
+            assert!(read_index(&b[..n]).is_err(), "truncated at {n}");
+        }
+        // An entry count no central directory can hold.
+        let mut m = b.clone();
+        let z = m.len() - 22 - 20 - 56;
+        m[z + 32..z + 40].copy_from_slice(&u64::MAX.to_le_bytes());
+        let e = read_index(&m).unwrap_err();
+        assert!(e.contains("entries cannot fit"), "{e}");
+        // A member running past the end.
+        let mut m = b.clone();
+        let size_at = m.len() - 22 - 20 - 56 - 24;
+        m[size_at + 8..size_at + 16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        let e = read_index(&m).unwrap_err();
+        assert!(e.contains("exceeds the archive size"), "{e}");
+    }
+}
