@@ -376,3 +376,53 @@ proptest! {
         check_no_panic(&path, &b, &format!("{f}: {muts:?}"));
     }
 }
+
+/// A legacy file holding `{'v': tensor}` where the tensor (offset 0, size 2, stride 1) lies on
+/// view `(off, len)` of a 4-element float32 storage [1, 2, 3, 4] (torch < 1.? wrote such views).
+fn legacy_view_file(off: u8, len: u8) -> Vec<u8> {
+    fn s(b: &mut Vec<u8>, x: &str) {
+        b.push(b'X');
+        b.extend_from_slice(&(x.len() as u32).to_le_bytes());
+        b.extend_from_slice(x.as_bytes());
+    }
+    let mut p = b"\x80\x02}(".to_vec();
+    s(&mut p, "v");
+    p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n((");
+    s(&mut p, "storage");
+    p.extend_from_slice(b"ctorch\nFloatStorage\n");
+    s(&mut p, "0");
+    s(&mut p, "cpu");
+    p.extend_from_slice(b"K\x04(");
+    s(&mut p, "1");
+    p.extend_from_slice(&[b'K', off, b'K', len, b't', b't', b'Q']);
+    p.extend_from_slice(b"K\x00K\x02\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtRu.");
+    p.extend_from_slice(b"](");
+    s(&mut p, "0");
+    p.extend_from_slice(b"e.");
+    p.extend_from_slice(&4u64.to_le_bytes());
+    for v in [1f32, 2., 3., 4.] {
+        p.extend_from_slice(&v.to_le_bytes());
+    }
+    legacy_with(&p)
+}
+
+#[test]
+fn legacy_storage_views() {
+    let p = write_tmp("view", &legacy_view_file(1, 2));
+    let sd = load_torch(&p).unwrap();
+    assert_eq!(sd.get("v").unwrap().to_vec::<f32>(), [2.0, 3.0]);
+    // The tensor needs 2 elements of a 1-element view.
+    let p = write_tmp("view-short", &legacy_view_file(1, 1));
+    let msg = err_of(load_torch(&p), &p).to_string();
+    assert!(
+        msg.contains("reach beyond its storage '0' of 1 float32"),
+        "{msg}"
+    );
+    // The view itself lies outside the 4-element storage.
+    let p = write_tmp("view-out", &legacy_view_file(3, 2));
+    let msg = err_of(load_torch(&p), &p).to_string();
+    assert!(
+        msg.contains("storage '0': view 3..3+2 exceeds its 4 elements"),
+        "{msg}"
+    );
+}
