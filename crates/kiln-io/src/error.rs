@@ -64,6 +64,15 @@ pub enum IoError {
         /// The tensor name.
         name: String,
     },
+    /// A pickle in the file names a Python global outside the tensor-rebuild allow-list: loading
+    /// it with `pickle` would run arbitrary code (or build objects kiln does not load).
+    #[error("{}: global '{global}' is not allowed in a weights file (only tensor-rebuild globals are)", path.display())]
+    ForbiddenGlobal {
+        /// The file.
+        path: PathBuf,
+        /// The global as `module.name`, e.g. `os.system`.
+        global: String,
+    },
     /// Writing through kiln-nn's safetensors writer failed.
     #[error("{}: {source}", path.display())]
     Save {
@@ -85,6 +94,7 @@ impl IoError {
             | IoError::MissingKey { path, .. }
             | IoError::WrongType { path, .. }
             | IoError::MissingTensor { path, .. }
+            | IoError::ForbiddenGlobal { path, .. }
             | IoError::Save { path, .. } => path,
         }
     }
