@@ -16,6 +16,7 @@ pub use error::{IoError, Result};
 pub use gguf::{GgufArray, GgufFile, GgufTensorInfo, GgufValue};
 pub use quant::{dequantize, GgmlType, UnsupportedType};
 pub use safetensors::{
-    load_safetensors_dir, load_sharded, save, SafeDtype, SafetensorsFile, TensorInfo,
+    load_safetensors_dir, load_sharded, save, save_with_metadata, SafeDtype, SafetensorsFile,
+    TensorInfo,
 };
 pub use torch::load_torch;

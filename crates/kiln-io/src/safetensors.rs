@@ -486,29 +486,28 @@ pub fn load_safetensors_dir(dir: impl AsRef<Path>) -> Result<StateDict> {
     ))
 }
 
-/// A module whose buffers are a state dict's tensors: lets kiln-nn's writer save a state dict.
-struct StateDictModule(Vec<(String, kiln_nn::module::Buffer)>);
-
-impl kiln_nn::module::Module for StateDictModule {
-    fn visit(&self, visitor: &mut kiln_nn::module::Visitor) {
-        for (name, b) in &self.0 {
-            visitor.buffer(name, b);
-        }
-    }
-}
-
-/// Writes `sd` to `path` with kiln-nn's safetensors writer (f32/f64/i64/u32 tensors; atomic
-/// rename). The file reads back with [`SafetensorsFile::open`].
+/// Writes `sd` to `path` with kiln-nn's safetensors writer (f32/f64/i64/u32 tensors,
+/// `{"format": "pt"}` metadata, atomic rename). The file reads back with
+/// [`SafetensorsFile::open`].
 pub fn save(sd: &StateDict, path: impl AsRef<Path>) -> Result<()> {
-    use kiln_nn::module::ModuleExt;
     let path = path.as_ref();
-    let m = StateDictModule(
-        sd.iter()
-            .map(|(n, t)| (n.to_string(), kiln_nn::module::Buffer::new(t.clone())))
-            .collect(),
-    );
-    m.save_safetensors(path).map_err(|source| IoError::Save {
+    kiln_nn::safetensors_io::save(sd, path).map_err(|source| IoError::Save {
         path: path.to_path_buf(),
         source,
+    })
+}
+
+/// [`save`] with the given `__metadata__` string map.
+pub fn save_with_metadata(
+    sd: &StateDict,
+    metadata: &std::collections::HashMap<String, String>,
+    path: impl AsRef<Path>,
+) -> Result<()> {
+    let path = path.as_ref();
+    kiln_nn::safetensors_io::save_with_metadata(sd, metadata, path).map_err(|source| {
+        IoError::Save {
+            path: path.to_path_buf(),
+            source,
+        }
     })
 }

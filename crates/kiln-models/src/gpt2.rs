@@ -1156,42 +1156,14 @@ fn io_err(path: &Path, e: std::io::Error) -> ModelError {
     }
 }
 
-/// Writes the (f32) tensors of `sd` as safetensors with `{"format": "pt"}` metadata (which
-/// transformers expects), through a temporary file renamed into place.
+/// Writes the tensors of `sd` as f32 safetensors (with the `{"format": "pt"}` metadata
+/// transformers expects), through kiln-nn's atomic writer.
 fn write_safetensors_f32(sd: &StateDict, path: &Path) -> Result<(), ModelError> {
-    use safetensors::tensor::{Dtype, TensorView};
-    let err = |message: String| ModelError::Io {
-        path: path.to_path_buf(),
-        message,
-    };
-    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = sd
+    let f32_sd: StateDict = sd
         .iter()
-        .map(|(n, t)| {
-            let bytes: Vec<u8> = t
-                .contiguous()
-                .to_dtype(DType::F32)
-                .to_vec::<f32>()
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect();
-            (n.to_string(), t.dims().to_vec(), bytes)
-        })
+        .map(|(n, t)| (n.to_string(), t.to_dtype(DType::F32)))
         .collect();
-    let views = raw
-        .iter()
-        .map(|(n, s, b)| {
-            TensorView::new(Dtype::F32, s.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| err(format!("{n}: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let metadata = Some(std::collections::HashMap::from([(
-        "format".to_string(),
-        "pt".to_string(),
-    )]));
-    let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, &metadata, &tmp).map_err(|e| err(e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+    Ok(kiln_nn::safetensors_io::save(&f32_sd, path)?)
 }
 
 #[cfg(test)]

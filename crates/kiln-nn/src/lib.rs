@@ -10,7 +10,7 @@ pub mod loss;
 pub mod module;
 pub mod optim;
 pub mod registry;
-mod safetensors_io;
+pub mod safetensors_io;
 pub mod scheduler;
 
 pub use error::NnError;

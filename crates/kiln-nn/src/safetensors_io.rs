@@ -4,11 +4,23 @@ use crate::error::NnError;
 use crate::module::{dtype_tag, StateDict};
 use kiln_core::{DType, Storage, Tensor};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use std::collections::HashMap;
 use std::path::Path;
 
-/// Writes `sd` to `path` (written to a temporary file, then renamed: a crash never leaves a
-/// half-written checkpoint under the final name).
+/// Writes `sd` to `path` with the `{"format": "pt"}` metadata `transformers` looks for
+/// (written to a temporary file, then renamed: a crash never leaves a half-written checkpoint
+/// under the final name).
 pub fn save(sd: &StateDict, path: &Path) -> Result<(), NnError> {
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    save_with_metadata(sd, &metadata, path)
+}
+
+/// [`save`] with the given `__metadata__` string map.
+pub fn save_with_metadata(
+    sd: &StateDict,
+    metadata: &HashMap<String, String>,
+    path: &Path,
+) -> Result<(), NnError> {
     let file_err = |e: String| NnError::File(path.display().to_string(), e);
     let mut bytes: Vec<(String, Vec<u8>, DType, Vec<usize>)> = Vec::with_capacity(sd.len());
     for (name, t) in sd.iter() {
@@ -52,7 +64,8 @@ pub fn save(sd: &StateDict, path: &Path) -> Result<(), NnError> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, &None, &tmp).map_err(|e| file_err(e.to_string()))?;
+    safetensors::serialize_to_file(views, &Some(metadata.clone()), &tmp)
+        .map_err(|e| file_err(e.to_string()))?;
     std::fs::rename(&tmp, path).map_err(|e| file_err(e.to_string()))
 }
 

@@ -120,6 +120,17 @@ fn inspect_describes_gguf_and_safetensors() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(s.contains("safetensors, 104 tensors"), "{s}");
     assert!(s.contains("embeddings.word_embeddings.weight"), "{s}");
+    let pt = format!(
+        "{}/../kiln-io/tests/fixtures/torch/types_zip.pt",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = kiln(&["inspect", &pt]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("PyTorch checkpoint"),
+        "{}",
+        text(&out.stdout)
+    );
 }
 
 #[test]

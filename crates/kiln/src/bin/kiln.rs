@@ -93,7 +93,7 @@ fn cli() -> Command {
                     Arg::new("file")
                         .required(true)
                         .value_parser(value_parser!(PathBuf))
-                        .help("a .gguf or .safetensors file"),
+                        .help("a .gguf, .safetensors, or PyTorch .bin/.pth/.pt file"),
                 )
                 .arg(
                     Arg::new("all")
@@ -301,9 +301,14 @@ fn run_inspect(m: &ArgMatches) -> Result<(), Error> {
         inspect_gguf(path, all)
     } else if path.extension().and_then(|e| e.to_str()) == Some("safetensors") {
         inspect_safetensors(path, all)
+    } else if matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("bin" | "pth" | "pt" | "ckpt")
+    ) {
+        inspect_torch(path, all)
     } else {
         Err(format!(
-            "{}: not a GGUF file (no GGUF magic) and not named .safetensors",
+            "{}: not a GGUF file (no GGUF magic) and not named .safetensors, .bin, .pth or .pt",
             path.display()
         )
         .into())
@@ -337,6 +342,25 @@ fn inspect_gguf(path: &Path, all: bool) -> Result<(), Error> {
     }
     if !all && infos.len() > 40 {
         println!("  … {} more (--all lists them)", infos.len() - 40);
+    }
+    Ok(())
+}
+
+fn inspect_torch(path: &Path, all: bool) -> Result<(), Error> {
+    let sd = kiln::io::load_torch(path)?;
+    let params: usize = sd.iter().map(|(_, t)| t.elem_count()).sum();
+    println!(
+        "{}: PyTorch checkpoint, {} tensors, {} parameters ({params})",
+        path.display(),
+        sd.len(),
+        human(params)
+    );
+    println!("tensors:");
+    for (name, t) in sd.iter().take(if all { usize::MAX } else { 40 }) {
+        println!("  {:<60} {:<5} {:?}", name, t.dtype(), t.dims());
+    }
+    if !all && sd.len() > 40 {
+        println!("  … {} more (--all lists them)", sd.len() - 40);
     }
     Ok(())
 }
