@@ -564,6 +564,29 @@ fn per_output(
     out
 }
 
+/// Decode (one row of x): `out[j] = dot(j)` for every weight row, split over threads.
+fn per_weight_row(w: &QMatrix, dot: impl Fn(usize) -> f32 + Sync) -> Buffer<f32> {
+    let (n, k) = w.dims();
+    let mut out = Buffer::<f32>::uninit(n);
+    let fill = |start: usize, o: &mut [f32]| {
+        for (j, v) in o.iter_mut().enumerate() {
+            *v = dot(start + j);
+        }
+    };
+    if parallel::num_threads() > 1 && n * k >= PARALLEL_THRESHOLD {
+        use rayon::prelude::*;
+        let chunk = n.div_ceil(parallel::num_threads() * 4).max(1);
+        parallel::install(|| {
+            out.par_chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(c, o)| fill(c * chunk, o))
+        });
+    } else {
+        fill(0, &mut out);
+    }
+    out
+}
+
 /// `x[m, k] · Wᵀ` with f32 activations.
 fn forward_f32(x: &[f32], m: usize, w: &QMatrix) -> Buffer<f32> {
     let (n, k) = w.dims();
@@ -573,25 +596,7 @@ fn forward_f32(x: &[f32], m: usize, w: &QMatrix) -> Buffer<f32> {
     let xsum: Vec<f32> = x.chunks_exact(QK).map(|b| b.iter().sum()).collect();
     let blocks = k / QK;
     if m == 1 {
-        // Decode: split the weight rows over threads.
-        let mut out = Buffer::<f32>::uninit(n);
-        let fill = |start: usize, o: &mut [f32]| {
-            for (j, v) in o.iter_mut().enumerate() {
-                *v = dot_row_f32(w.qtype(), w.row(start + j), x, &xsum);
-            }
-        };
-        if parallel::num_threads() > 1 && n * k >= PARALLEL_THRESHOLD {
-            use rayon::prelude::*;
-            let chunk = n.div_ceil(parallel::num_threads() * 4).max(1);
-            parallel::install(|| {
-                out.par_chunks_mut(chunk)
-                    .enumerate()
-                    .for_each(|(c, o)| fill(c * chunk, o))
-            });
-        } else {
-            fill(0, &mut out);
-        }
-        return out;
+        return per_weight_row(w, |j| dot_row_f32(w.qtype(), w.row(j), x, &xsum));
     }
     per_output(m, n, n * k, |i, o| {
         let xr = &x[i * k..(i + 1) * k];
@@ -647,24 +652,7 @@ fn forward_q8(x: &[f32], m: usize, w: &QMatrix) -> Buffer<f32> {
     let (n, k) = w.dims();
     let rows: Vec<Q8Row> = x.chunks_exact(k).map(quantize_row_q8).collect();
     if m == 1 {
-        let mut out = Buffer::<f32>::uninit(n);
-        let fill = |start: usize, o: &mut [f32]| {
-            for (j, v) in o.iter_mut().enumerate() {
-                *v = dot_row_q8(w.qtype(), w.row(start + j), &rows[0]);
-            }
-        };
-        if parallel::num_threads() > 1 && n * k >= PARALLEL_THRESHOLD {
-            use rayon::prelude::*;
-            let chunk = n.div_ceil(parallel::num_threads() * 4).max(1);
-            parallel::install(|| {
-                out.par_chunks_mut(chunk)
-                    .enumerate()
-                    .for_each(|(c, o)| fill(c * chunk, o))
-            });
-        } else {
-            fill(0, &mut out);
-        }
-        return out;
+        return per_weight_row(w, |j| dot_row_q8(w.qtype(), w.row(j), &rows[0]));
     }
     per_output(m, n, n * k, |i, o| {
         for (j, v) in o.iter_mut().enumerate() {
