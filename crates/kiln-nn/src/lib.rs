@@ -18,8 +18,8 @@ pub use kiln_derive::Module;
 pub use layers::*;
 pub use loss::{KlReduction, Loss, Reduction};
 pub use module::{
-    Buffer, Forward, LoadMode, LoadReport, Module, ModuleExt, Param, StateDict, TrainFlag, Visit,
-    Visited, Visitor,
+    Buffer, Forward, LoadMode, LoadReport, Module, ModuleExt, Param, RandomState, StateDict,
+    TrainFlag, Visit, Visited, Visitor,
 };
 pub use optim::{
     clip_grad_norm_, clip_grad_value_, Adagrad, Adam, AdamW, Optimizer, OptimizerState, ParamGroup,

@@ -2,7 +2,7 @@
 //! train/eval, freezing by glob, summaries.
 
 use crate::error::NnError;
-use kiln_core::{DType, Shape, Tensor};
+use kiln_core::{DType, Rng, Shape, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -89,6 +89,39 @@ impl Default for TrainFlag {
     }
 }
 
+/// A layer's random generator (e.g. for dropout masks). Visited like a parameter, so a training
+/// checkpoint can save every generator of a model and a resumed run draws the same masks.
+#[derive(Debug)]
+pub struct RandomState(std::sync::Mutex<Rng>);
+
+impl RandomState {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        RandomState(std::sync::Mutex::new(Rng::new(seed)))
+    }
+
+    /// Exclusive access to the generator.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Rng> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The generator's state.
+    pub fn state(&self) -> [u64; 4] {
+        self.lock().state()
+    }
+
+    /// Continues from a saved state.
+    pub fn set_state(&self, state: [u64; 4]) {
+        *self.lock() = Rng::from_state(state);
+    }
+}
+
+impl Clone for RandomState {
+    fn clone(&self) -> Self {
+        RandomState(std::sync::Mutex::new(self.lock().clone()))
+    }
+}
+
 impl Clone for TrainFlag {
     fn clone(&self) -> Self {
         TrainFlag(AtomicBool::new(self.is_training()))
@@ -107,6 +140,8 @@ pub enum Visited<'a> {
     Buffer(&'a str, &'a Buffer),
     /// A train/eval flag.
     Flag(&'a TrainFlag),
+    /// A random generator.
+    Rng(&'a RandomState),
 }
 
 /// Walks a module tree, keeping the dotted path, and reports each item to a callback.
@@ -156,6 +191,11 @@ impl<'f> Visitor<'f> {
     /// Reports a train/eval flag.
     pub fn flag(&mut self, f: &TrainFlag) {
         (self.callback)(Visited::Flag(f));
+    }
+
+    /// Reports a random generator.
+    pub fn rng(&mut self, r: &RandomState) {
+        (self.callback)(Visited::Rng(r));
     }
 
     /// Visits sub-module `m` under `name`.
@@ -219,6 +259,12 @@ impl Visit for Buffer {
 impl Visit for TrainFlag {
     fn visit_named(&self, _name: &str, visitor: &mut Visitor) {
         visitor.flag(self)
+    }
+}
+
+impl Visit for RandomState {
+    fn visit_named(&self, _name: &str, visitor: &mut Visitor) {
+        visitor.rng(self)
     }
 }
 
@@ -469,6 +515,35 @@ pub trait ModuleExt: Module {
         });
     }
 
+    /// The state of every random generator in the model, in visiting order.
+    fn rng_states(&self) -> Vec<[u64; 4]> {
+        let mut out = Vec::new();
+        self.walk(|v| {
+            if let Visited::Rng(r) = v {
+                out.push(r.state())
+            }
+        });
+        out
+    }
+
+    /// Restores states saved by [`ModuleExt::rng_states`] from a model of the same structure.
+    fn set_rng_states(&self, states: &[[u64; 4]]) -> Result<(), NnError> {
+        let count = self.rng_states().len();
+        if count != states.len() {
+            return Err(NnError::StateDict(format!(
+                "the model has {count} random generators but {} states were given",
+                states.len()
+            )));
+        }
+        let mut it = states.iter();
+        self.walk(|v| {
+            if let Visited::Rng(r) = v {
+                r.set_state(*it.next().expect("counted"))
+            }
+        });
+        Ok(())
+    }
+
     /// Freezes the parameters whose names match the glob `pattern` (`*` crosses dots:
     /// `encoder.*`, `*.bias`, `layers.[0-3].*`). Returns how many matched; a pattern that is
     /// invalid or matches nothing is an error (it is almost always a typo).
@@ -528,7 +603,7 @@ pub trait ModuleExt: Module {
                 format!("{}", b.shape()),
                 "-"
             )),
-            Visited::Flag(_) => {}
+            Visited::Flag(_) | Visited::Rng(_) => {}
         });
         lines.push(format!(
             "total parameters: {}  trainable: {}",

@@ -7,6 +7,7 @@ pub use kiln_data as data;
 pub use kiln_io as io;
 pub use kiln_models as models;
 pub use kiln_nn as nn;
+pub use kiln_tune as tune;
 
 /// The names most programs need.
 pub mod prelude {
@@ -33,5 +34,8 @@ pub mod prelude {
         MultiheadAttention, Param, Relu, RmsNorm, RnnConfig, Sequential, Sgd, Sigmoid, Silu,
         Softmax, Tanh, TrainFlag, TransformerEncoder, TransformerEncoderLayer,
         TransformerEncoderLayerConfig,
+    };
+    pub use kiln_tune::{
+        Columns, DataSpec, Metric, Recipe, Schedule, Strategy, TextDataset, TrainConfig, Trainer,
     };
 }

@@ -16,9 +16,8 @@
 //! through such a row.
 
 use crate::layers::Linear;
-use crate::{init, Forward, Module, Param, TrainFlag};
+use crate::{init, Forward, Module, Param, RandomState, TrainFlag};
 use kiln_core::{DType, Rng, Tensor};
-use std::sync::Mutex;
 
 // ---------------------------------------------------------------------- functional core
 
@@ -355,8 +354,7 @@ pub struct MultiheadAttention {
     /// `[N, L, E]` inputs when true, `[L, N, E]` when false.
     #[module(skip)]
     pub batch_first: bool,
-    #[module(skip)]
-    rng: Mutex<Rng>,
+    rng: RandomState,
 }
 
 impl Clone for MultiheadAttention {
@@ -375,7 +373,7 @@ impl Clone for MultiheadAttention {
             vdim: self.vdim,
             dropout: self.dropout,
             batch_first: self.batch_first,
-            rng: Mutex::new(self.rng.lock().unwrap().clone()),
+            rng: self.rng.clone(),
         }
     }
 }
@@ -442,7 +440,7 @@ impl MultiheadAttention {
             vdim,
             dropout: config.dropout,
             batch_first: config.batch_first,
-            rng: Mutex::new(Rng::new(rng.next_u64())),
+            rng: RandomState::new(rng.next_u64()),
         }
     }
 
@@ -586,7 +584,7 @@ impl MultiheadAttention {
 
         let train = self.training.is_training() && self.dropout > 0.0;
         let (out, weights) = if train {
-            let mut rng = self.rng.lock().unwrap();
+            let mut rng = self.rng.lock();
             attention_core(
                 &q,
                 &k,

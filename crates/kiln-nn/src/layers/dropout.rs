@@ -1,8 +1,7 @@
 //! `Dropout`: inverted dropout in training mode, the identity in evaluation mode.
 
-use crate::{Forward, Module, TrainFlag};
-use kiln_core::{Rng, Tensor};
-use std::sync::Mutex;
+use crate::{Forward, Module, RandomState, TrainFlag};
+use kiln_core::Tensor;
 
 /// `torch.nn.Dropout(p)`: zeroes each element with probability `p` and scales the rest by
 /// `1/(1-p)` while training; the identity after `eval()`. Draws its masks from its own seeded
@@ -13,8 +12,7 @@ pub struct Dropout {
     /// Drop probability.
     #[module(skip)]
     pub p: f64,
-    #[module(skip)]
-    rng: Mutex<Rng>,
+    rng: RandomState,
 }
 
 impl Dropout {
@@ -27,7 +25,7 @@ impl Dropout {
         Dropout {
             training: TrainFlag::default(),
             p,
-            rng: Mutex::new(Rng::new(seed)),
+            rng: RandomState::new(seed),
         }
     }
 
@@ -42,7 +40,7 @@ impl Clone for Dropout {
         Dropout {
             training: self.training.clone(),
             p: self.p,
-            rng: Mutex::new(self.rng.lock().unwrap().clone()),
+            rng: self.rng.clone(),
         }
     }
 }
@@ -50,7 +48,7 @@ impl Clone for Dropout {
 impl Forward for Dropout {
     /// Drops elements while training; returns `x` itself in evaluation mode.
     fn forward(&self, x: &Tensor) -> Tensor {
-        let mut rng = self.rng.lock().unwrap();
+        let mut rng = self.rng.lock();
         x.dropout(self.p, self.training.is_training(), &mut rng)
     }
 }

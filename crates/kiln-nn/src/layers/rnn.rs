@@ -12,10 +12,9 @@
 //! `batch_first: false` (`[seq, batch, features]`) and unbatched `[seq, features]` inputs are
 //! supported.
 
-use crate::{init, Forward, Module, Param, TrainFlag, Visitor};
+use crate::{init, Forward, Module, Param, RandomState, TrainFlag, Visitor};
 use kiln_core::ops::rnn_cell::{gru_cell, lstm_cell};
 use kiln_core::{Rng, Tensor};
-use std::sync::Mutex;
 
 /// The nonlinearity of a plain [`Rnn`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,7 +147,7 @@ struct Core {
     /// Index `layer · directions + direction`.
     cells: Vec<Cell>,
     training: TrainFlag,
-    rng: Mutex<Rng>,
+    rng: RandomState,
 }
 
 impl Clone for Core {
@@ -160,7 +159,7 @@ impl Clone for Core {
             config: self.config,
             cells: self.cells.clone(),
             training: self.training.clone(),
-            rng: Mutex::new(self.rng.lock().unwrap().clone()),
+            rng: self.rng.clone(),
         }
     }
 }
@@ -224,7 +223,7 @@ impl Core {
             config,
             cells,
             training: TrainFlag::default(),
-            rng: Mutex::new(Rng::new(seed)),
+            rng: RandomState::new(seed),
         }
     }
 
@@ -281,7 +280,7 @@ impl Core {
             config,
             cells,
             training: TrainFlag::default(),
-            rng: Mutex::new(Rng::new(0x5eed_4e4e)),
+            rng: RandomState::new(0x5eed_4e4e),
         }
     }
 
@@ -299,6 +298,7 @@ impl Core {
             }
         }
         v.flag(&self.training);
+        v.rng(&self.rng);
     }
 
     /// Checks an initial state against `[layers·dirs, batch, hidden]` (or `[layers·dirs,
@@ -400,7 +400,7 @@ impl Core {
             };
             let p = self.config.dropout;
             if p > 0.0 && layer + 1 < self.config.num_layers && self.training.is_training() {
-                out = out.dropout(p, true, &mut self.rng.lock().unwrap());
+                out = out.dropout(p, true, &mut self.rng.lock());
             }
             input = out;
         }

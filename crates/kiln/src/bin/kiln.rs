@@ -1,4 +1,8 @@
-//! The `kiln` command line: `kiln generate`, `kiln embed`, `kiln inspect`.
+//! The `kiln` command line: `kiln finetune`, `kiln eval`, `kiln predict`, `kiln generate`,
+//! `kiln embed`, `kiln inspect`.
+
+#[path = "kiln/tune.rs"]
+mod tune;
 
 use clap::{value_parser, Arg, ArgAction, ArgMatches, Command};
 use kiln::core::{no_grad, DType};
@@ -20,6 +24,9 @@ fn cli() -> Command {
         .about("kiln: run, inspect and fine-tune pretrained models on the CPU")
         .subcommand_required(true)
         .arg_required_else_help(true)
+        .subcommand(tune::finetune_command())
+        .subcommand(tune::eval_command())
+        .subcommand(tune::predict_command())
         .subcommand(
             Command::new("generate")
                 .about("Continue a prompt with a GGUF language model (Llama family), streaming tokens")
@@ -107,6 +114,9 @@ fn cli() -> Command {
 fn main() -> ExitCode {
     let matches = cli().get_matches();
     let result = match matches.subcommand() {
+        Some(("finetune", m)) => tune::run_finetune(m),
+        Some(("eval", m)) => tune::run_eval(m),
+        Some(("predict", m)) => tune::run_predict(m),
         Some(("generate", m)) => run_generate(m),
         Some(("embed", m)) => run_embed(m),
         Some(("inspect", m)) => run_inspect(m),

@@ -1,0 +1,369 @@
+//! `kiln finetune`, `kiln eval` and `kiln predict`.
+
+use super::Error;
+use clap::{value_parser, Arg, ArgAction, ArgMatches, Command};
+use kiln::tune::data::{Columns, TextDataset};
+use kiln::tune::{evaluate, load_classifier, predict, DataSpec, Metric, Recipe, Schedule};
+use std::io::Write;
+use std::path::PathBuf;
+
+fn path_arg(name: &'static str, help: &'static str) -> Arg {
+    Arg::new(name)
+        .long(name)
+        .value_parser(value_parser!(PathBuf))
+        .help(help)
+}
+
+fn num<T: Clone + Send + Sync + std::str::FromStr + 'static>(
+    name: &'static str,
+    help: &'static str,
+) -> Arg
+where
+    <T as std::str::FromStr>::Err: std::error::Error + Send + Sync + 'static,
+{
+    Arg::new(name)
+        .long(name)
+        .value_parser(clap::builder::ValueParser::new(|s: &str| s.parse::<T>()))
+        .help(help)
+}
+
+fn columns_args(cmd: Command) -> Command {
+    cmd.arg(
+        Arg::new("text")
+            .long("text")
+            .help("text column (default: text)"),
+    )
+    .arg(
+        Arg::new("text-pair")
+            .long("text-pair")
+            .help("second text column, for sentence pairs"),
+    )
+    .arg(
+        Arg::new("label")
+            .long("label")
+            .help("label column (default: label)"),
+    )
+}
+
+/// The `finetune` command.
+pub fn finetune_command() -> Command {
+    let cmd = Command::new("finetune")
+        .about("Fine-tune a pretrained BERT-family model for text classification on a CSV/TSV/JSONL file")
+        .arg(path_arg("recipe", "a recipe.toml with every option (flags given too override it)"))
+        .arg(path_arg("model", "pretrained model directory (config.json, model.safetensors, tokenizer.json)"))
+        .arg(path_arg("data", "training rows: .csv, .tsv or .jsonl with a header / fields"))
+        .arg(path_arg("valid", "validation rows (default: hold out --valid-ratio of --data)"))
+        .arg(num::<f64>("valid-ratio", "fraction of --data held out for validation (default 0.2)"))
+        .arg(num::<u64>("split-seed", "seed of the train/validation split (default 0)"))
+        .arg(num::<usize>("limit", "train on only the first N training rows"))
+        .arg(path_arg("out", "directory for the fine-tuned model, metrics.jsonl and curves.png"))
+        .arg(
+            Arg::new("strategy")
+                .long("strategy")
+                .help("full, linear_probe, bitfit, lora, or a registered method (default full)"),
+        )
+        .arg(num::<i64>("rank", "LoRA rank r (with --strategy lora)"))
+        .arg(num::<f64>("alpha", "LoRA alpha (with --strategy lora)"))
+        .arg(
+            Arg::new("targets")
+                .long("targets")
+                .num_args(1..)
+                .help("LoRA target modules (default: query value)"),
+        )
+        .arg(num::<f64>("llrd", "layer-wise learning-rate decay factor, e.g. 0.9"))
+        .arg(num::<i64>("unfreeze-every", "gradual unfreezing: one more layer group every N epochs"))
+        .arg(
+            Arg::new("freeze")
+                .long("freeze")
+                .action(ArgAction::Append)
+                .help("glob of parameter names to keep frozen (repeatable)"),
+        )
+        .arg(num::<usize>("epochs", "passes over the training data (default 3)"))
+        .arg(num::<usize>("max-steps", "stop after this many optimizer steps"))
+        .arg(num::<usize>("batch-size", "rows per micro-batch (default 32)"))
+        .arg(num::<usize>("grad-accum", "micro-batches per optimizer step (default 1)"))
+        .arg(num::<f64>("lr", "peak learning rate (default 5e-5)"))
+        .arg(num::<f64>("weight-decay", "AdamW weight decay (default 0.01)"))
+        .arg(num::<f64>("warmup-ratio", "fraction of steps warming up (default 0.1)"))
+        .arg(Arg::new("schedule").long("schedule").value_parser(["linear", "cosine", "constant"]))
+        .arg(num::<usize>("max-length", "tokens per row after truncation (default 128)"))
+        .arg(num::<u64>("seed", "seed of data order, dropout and new weights (default 42)"))
+        .arg(num::<usize>("eval-every", "evaluate every N steps (default: each epoch)"))
+        .arg(num::<usize>("early-stopping", "stop after N evaluations without improvement"))
+        .arg(Arg::new("metric").long("metric").help("metric that picks the best model (default accuracy)"))
+        .arg(
+            Arg::new("no-progress")
+                .long("no-progress")
+                .action(ArgAction::SetTrue)
+                .help("no progress bar"),
+        )
+        .arg(
+            Arg::new("fresh")
+                .long("fresh")
+                .action(ArgAction::SetTrue)
+                .help("ignore a checkpoint left in --out by an interrupted run"),
+        );
+    columns_args(cmd)
+}
+
+/// The `eval` command.
+pub fn eval_command() -> Command {
+    columns_args(
+        Command::new("eval")
+            .about("Metrics and confusion matrix of a fine-tuned classifier on a labelled file")
+            .arg(path_arg("model", "a directory written by kiln finetune").required(true))
+            .arg(path_arg("data", "labelled rows: .csv, .tsv or .jsonl").required(true))
+            .arg(num::<usize>(
+                "max-length",
+                "tokens per row after truncation (default 128)",
+            ))
+            .arg(num::<usize>("batch-size", "rows per batch (default 64)")),
+    )
+}
+
+/// The `predict` command.
+pub fn predict_command() -> Command {
+    Command::new("predict")
+        .about("Labels and probabilities from a fine-tuned classifier, one JSON line per text")
+        .arg(path_arg("model", "a directory written by kiln finetune").required(true))
+        .arg(Arg::new("texts").num_args(0..).help("texts to classify"))
+        .arg(path_arg(
+            "data",
+            "classify the rows of a .csv/.tsv/.jsonl file instead",
+        ))
+        .arg(
+            Arg::new("text")
+                .long("text")
+                .help("text column of --data (default: text)"),
+        )
+        .arg(num::<usize>(
+            "max-length",
+            "tokens per row after truncation (default 128)",
+        ))
+        .arg(num::<usize>("batch-size", "rows per batch (default 64)"))
+}
+
+fn get<T: Clone + Send + Sync + 'static>(m: &ArgMatches, name: &str) -> Option<T> {
+    m.get_one::<T>(name).cloned()
+}
+
+/// Runs `kiln finetune`.
+pub fn run_finetune(m: &ArgMatches) -> Result<(), Error> {
+    let mut recipe = match get::<PathBuf>(m, "recipe") {
+        Some(path) => Recipe::from_toml_file(path)?,
+        None => {
+            let need = |name: &str| -> Result<PathBuf, Error> {
+                get::<PathBuf>(m, name).ok_or_else(|| {
+                    format!("--{name} is required (or give everything in --recipe FILE)").into()
+                })
+            };
+            Recipe::new(need("model")?, DataSpec::new(need("data")?), need("out")?)
+        }
+    };
+    if let Some(p) = get::<PathBuf>(m, "model") {
+        recipe.model = p;
+    }
+    if let Some(p) = get::<PathBuf>(m, "out") {
+        recipe.out = p;
+    }
+    let d = &mut recipe.data;
+    if let Some(p) = get::<PathBuf>(m, "data") {
+        d.train = p;
+    }
+    if let Some(p) = get::<PathBuf>(m, "valid") {
+        d.valid = Some(p);
+    }
+    if let Some(v) = get(m, "valid-ratio") {
+        d.valid_ratio = v;
+    }
+    if let Some(v) = get(m, "split-seed") {
+        d.split_seed = v;
+    }
+    if let Some(v) = get(m, "limit") {
+        d.limit = Some(v);
+    }
+    if let Some(v) = get::<String>(m, "text") {
+        d.text = v;
+    }
+    if let Some(v) = get::<String>(m, "text-pair") {
+        d.text_pair = Some(v);
+    }
+    if let Some(v) = get::<String>(m, "label") {
+        d.label = v;
+    }
+    let s = &mut recipe.strategy;
+    if let Some(v) = get::<String>(m, "strategy") {
+        s.insert("type".into(), toml::Value::String(v));
+    }
+    if let Some(v) = get::<i64>(m, "rank") {
+        s.insert("r".into(), toml::Value::Integer(v));
+    }
+    if let Some(v) = get::<f64>(m, "alpha") {
+        s.insert("alpha".into(), toml::Value::Float(v));
+    }
+    if let Some(v) = m.get_many::<String>("targets") {
+        let list = v.map(|t| toml::Value::String(t.clone())).collect();
+        s.insert("target_modules".into(), toml::Value::Array(list));
+    }
+    if let Some(v) = get::<f64>(m, "llrd") {
+        s.insert("llrd".into(), toml::Value::Float(v));
+    }
+    if let Some(v) = get::<i64>(m, "unfreeze-every") {
+        s.insert("unfreeze_every".into(), toml::Value::Integer(v));
+    }
+    if let Some(v) = m.get_many::<String>("freeze") {
+        let list = v.map(|t| toml::Value::String(t.clone())).collect();
+        s.insert("freeze".into(), toml::Value::Array(list));
+    }
+    let t = &mut recipe.train;
+    if let Some(v) = get(m, "epochs") {
+        t.epochs = v;
+    }
+    if let Some(v) = get(m, "max-steps") {
+        t.max_steps = Some(v);
+    }
+    if let Some(v) = get(m, "batch-size") {
+        t.batch_size = v;
+    }
+    if let Some(v) = get(m, "grad-accum") {
+        t.grad_accum = v;
+    }
+    if let Some(v) = get(m, "lr") {
+        t.lr = v;
+    }
+    if let Some(v) = get(m, "weight-decay") {
+        t.weight_decay = v;
+    }
+    if let Some(v) = get(m, "warmup-ratio") {
+        t.warmup_ratio = v;
+    }
+    if let Some(v) = get::<String>(m, "schedule") {
+        t.schedule = match v.as_str() {
+            "cosine" => Schedule::Cosine,
+            "constant" => Schedule::Constant,
+            _ => Schedule::Linear,
+        };
+    }
+    if let Some(v) = get(m, "max-length") {
+        t.max_length = v;
+    }
+    if let Some(v) = get(m, "seed") {
+        t.seed = v;
+    }
+    if let Some(v) = get(m, "eval-every") {
+        t.eval_every = Some(v);
+    }
+    if let Some(v) = get(m, "early-stopping") {
+        t.early_stopping = Some(v);
+    }
+    if let Some(v) = get::<String>(m, "metric") {
+        t.metric = Metric::parse(&v)?;
+    }
+    if m.get_flag("no-progress") {
+        t.progress = false;
+    }
+    if m.get_flag("fresh") {
+        t.resume = false;
+        let _ = std::fs::remove_dir_all(recipe.out.join("checkpoint"));
+        let _ = std::fs::remove_file(recipe.out.join("metrics.jsonl"));
+    }
+    let strategy = recipe.strategy()?;
+    eprintln!(
+        "kiln finetune: {} on {} with {} → {}",
+        recipe.model.display(),
+        recipe.data.train.display(),
+        strategy.describe(),
+        recipe.out.display()
+    );
+    let report = recipe.run()?;
+    let (trainable, total) = report.train.trainable_params;
+    eprintln!(
+        "trained {} steps in {:.1} s ({} train / {} valid rows; {trainable} of {total} parameters trained)",
+        report.train.steps, report.train.seconds, report.rows.0, report.rows.1
+    );
+    let mut out = std::io::stdout().lock();
+    for (k, v) in &report.valid {
+        writeln!(out, "validation {k}: {v:.4}")?;
+    }
+    writeln!(out, "saved to {}", report.out.display())?;
+    Ok(())
+}
+
+/// Runs `kiln eval`.
+pub fn run_eval(m: &ArgMatches) -> Result<(), Error> {
+    let dir: PathBuf = get(m, "model").expect("required");
+    let data: PathBuf = get(m, "data").expect("required");
+    let (model, tokenizer) = load_classifier(&dir)?;
+    let mut cols = Columns::default();
+    if let Some(v) = get::<String>(m, "text") {
+        cols.text = v;
+    }
+    cols.text_pair = get::<String>(m, "text-pair");
+    if let Some(v) = get::<String>(m, "label") {
+        cols.label = v;
+    }
+    let labels = model.labels().to_vec();
+    let ds = TextDataset::from_file_with_classes(&data, &cols, &labels)?;
+    let max_len = get(m, "max-length").unwrap_or(128);
+    let batch = get(m, "batch-size").unwrap_or(64);
+    let state = evaluate(&model, &tokenizer, &ds, batch, max_len)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "rows: {}", ds.len())?;
+    let metrics = [
+        Metric::Accuracy,
+        Metric::MacroF1,
+        Metric::Precision,
+        Metric::Recall,
+    ];
+    for (k, v) in state.report(&metrics) {
+        writeln!(out, "{k}: {v:.4}")?;
+    }
+    writeln!(out, "{}", state.confusion_table(&labels))?;
+    Ok(())
+}
+
+/// Runs `kiln predict`.
+pub fn run_predict(m: &ArgMatches) -> Result<(), Error> {
+    let dir: PathBuf = get(m, "model").expect("required");
+    let (model, tokenizer) = load_classifier(&dir)?;
+    let mut texts: Vec<String> = m
+        .get_many::<String>("texts")
+        .map(|v| v.cloned().collect())
+        .unwrap_or_default();
+    if let Some(path) = get::<PathBuf>(m, "data") {
+        let format = kiln::tune::data::Format::from_path(&path)?;
+        let column = get::<String>(m, "text").unwrap_or_else(|| "text".into());
+        texts.extend(kiln::tune::data::read_texts(&path, format, &column)?);
+    }
+    if texts.is_empty() {
+        return Err("give texts to classify, or --data FILE".into());
+    }
+    let max_len = get(m, "max-length").unwrap_or(128);
+    let batch: usize = get(m, "batch-size").unwrap_or(64);
+    let bar = if texts.len() > batch {
+        indicatif::ProgressBar::new(texts.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut out = std::io::stdout().lock();
+    for chunk in texts.chunks(batch) {
+        for (text, p) in chunk
+            .iter()
+            .zip(predict(&model, &tokenizer, chunk, batch, max_len)?)
+        {
+            let probs: serde_json::Map<String, serde_json::Value> = p
+                .probabilities
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::json!(v)))
+                .collect();
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({"text": text, "label": p.label, "score": p.score, "probabilities": probs})
+            )?;
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
