@@ -41,6 +41,8 @@ pub enum Source {
     Mnist5k,
     /// Fashion-MNIST (`scripts/fetch_data.sh fashion`).
     FashionMnist,
+    /// The Rotten Tomatoes review snippets (`scripts/fetch_data.sh rotten-tomatoes`).
+    RottenTomatoes,
 }
 
 impl Source {
@@ -49,6 +51,7 @@ impl Source {
         match self {
             Source::Mnist5k => "MNIST 5k",
             Source::FashionMnist => "Fashion-MNIST",
+            Source::RottenTomatoes => "Rotten Tomatoes snippets",
         }
     }
 
@@ -57,6 +60,7 @@ impl Source {
         match self {
             Source::Mnist5k => "mnist",
             Source::FashionMnist => "fashion",
+            Source::RottenTomatoes => "rotten-tomatoes",
         }
     }
 
@@ -64,6 +68,7 @@ impl Source {
     pub fn files(self, dir: &Path) -> Vec<PathBuf> {
         match self {
             Source::Mnist5k => vec![mnist_5k_path(dir)],
+            Source::RottenTomatoes => vec![rotten_tomatoes_path(dir)],
             Source::FashionMnist => [Split::Train, Split::Test]
                 .into_iter()
                 .flat_map(|s| {
@@ -181,6 +186,18 @@ pub fn fetch_into(source: Source, dir: &Path) -> Result<()> {
 /// [`fetch_into`] the default [`data_dir`].
 pub fn fetch(source: Source) -> Result<()> {
     fetch_into(source, &data_dir())
+}
+
+fn rotten_tomatoes_path(dir: &Path) -> PathBuf {
+    dir.join("rotten_tomatoes").join("reviews.csv")
+}
+
+/// The Rotten Tomatoes snippets as a CSV file (`text`, `label` = `fresh`/`rotten`; 12,808
+/// rows), fetched into the default [`data_dir`] when missing.
+pub fn rotten_tomatoes() -> Result<PathBuf> {
+    let dir = data_dir();
+    fetch_into(Source::RottenTomatoes, &dir)?;
+    require(rotten_tomatoes_path(&dir), Source::RottenTomatoes)
 }
 
 fn mnist_5k_path(dir: &Path) -> PathBuf {

@@ -240,6 +240,15 @@ impl TextDataset {
         })
     }
 
+    /// The first `n` rows (all when there are fewer), with the same labels.
+    pub fn take(&self, n: usize) -> TextDataset {
+        TextDataset {
+            examples: self.examples[..n.min(self.examples.len())].to_vec(),
+            labels: self.labels.clone(),
+            origin: self.origin.clone(),
+        }
+    }
+
     /// The rows.
     pub fn examples(&self) -> &[Example] {
         &self.examples

@@ -142,6 +142,11 @@ impl MetricState {
         self.loss_count += count;
     }
 
+    /// Number of classes (0 for regression).
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
     /// Rows seen.
     pub fn rows(&self) -> u64 {
         self.rows
@@ -224,22 +229,27 @@ impl MetricState {
 
     /// The confusion matrix as an aligned text table with class names.
     pub fn confusion_table(&self, names: &[String]) -> String {
-        let w = names.iter().map(|n| n.len()).max().unwrap_or(4).max(6);
-        let mut s = format!("{:>w$}  predicted →\n{:>w$}", "label ↓", "");
-        for n in names {
-            s.push_str(&format!(" {n:>w$}"));
-        }
-        for (k, row) in self.confusion().iter().enumerate() {
-            s.push_str(&format!(
-                "\n{:>w$}",
-                names.get(k).map(String::as_str).unwrap_or("?")
-            ));
-            for v in row {
-                s.push_str(&format!(" {v:>w$}"));
-            }
-        }
-        s
+        confusion_table(names, &self.confusion())
     }
+}
+
+/// A confusion matrix `[label][predicted]` as an aligned text table with class names.
+pub fn confusion_table(names: &[String], matrix: &[Vec<u64>]) -> String {
+    let w = names.iter().map(|n| n.len()).max().unwrap_or(4).max(6);
+    let mut s = format!("{:>w$}  predicted →\n{:>w$}", "label ↓", "");
+    for n in names {
+        s.push_str(&format!(" {n:>w$}"));
+    }
+    for (k, row) in matrix.iter().enumerate() {
+        s.push_str(&format!(
+            "\n{:>w$}",
+            names.get(k).map(String::as_str).unwrap_or("?")
+        ));
+        for v in row {
+            s.push_str(&format!(" {v:>w$}"));
+        }
+    }
+    s
 }
 
 #[cfg(test)]

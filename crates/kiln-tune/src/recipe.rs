@@ -105,12 +105,8 @@ impl DataSpec {
             None => all.split(self.valid_ratio, self.split_seed)?,
         };
         let train = match self.limit {
-            Some(n) if n < train.len() => TextDataset::from_examples(
-                train.examples()[..n].to_vec(),
-                train.labels().clone(),
-                format!("{} (first {n})", train.origin()),
-            )?,
-            _ => train,
+            Some(n) => train.take(n),
+            None => train,
         };
         Ok((train, valid))
     }
@@ -209,19 +205,32 @@ impl Recipe {
         cfg.out_dir = Some(self.out.clone());
         let mut trainer = Trainer::new(cfg.clone()).strategy(strategy.clone());
         let report = trainer.fit(&model, &tokenizer, &train, Some(&valid))?;
-        let m = evaluate(
-            &model,
-            &tokenizer,
-            &valid,
-            cfg.eval_batch_size,
-            cfg.max_length,
-        )?;
+        // The model holds the best evaluation's weights (restore_best); without it, or when
+        // no evaluation ran, evaluate the final weights.
+        let final_eval = match (&report.best, cfg.restore_best) {
+            (Some(best), true) => best.clone(),
+            _ => {
+                let m = evaluate(
+                    &model,
+                    &tokenizer,
+                    &valid,
+                    cfg.eval_batch_size,
+                    cfg.max_length,
+                )?;
+                crate::trainer::Evaluation {
+                    step: report.steps,
+                    epoch: report.epochs,
+                    metrics: m.report(&cfg.metrics),
+                    confusion: m.confusion(),
+                }
+            }
+        };
         crate::save::save_classifier(&model, &tokenizer_path, &self.out)?;
         valid.write_csv(&self.out.join("valid.csv"))?;
         let result = RecipeReport {
             train: report,
-            valid: m.report(&cfg.metrics),
-            confusion: m.confusion(),
+            valid: final_eval.metrics,
+            confusion: final_eval.confusion,
             labels,
             rows: (train.len(), valid.len()),
             out: self.out.clone(),

@@ -214,6 +214,9 @@ pub struct Evaluation {
     pub epoch: usize,
     /// Metric values by name (and `loss`).
     pub metrics: BTreeMap<String, f64>,
+    /// Confusion matrix `[label][predicted]` (empty for regression).
+    #[serde(default)]
+    pub confusion: Vec<Vec<u64>>,
 }
 
 /// What a run did.
@@ -575,6 +578,11 @@ impl Trainer {
             step: st.step,
             epoch: st.epoch + 1,
             metrics: metrics.clone(),
+            confusion: if m.classes() > 0 {
+                m.confusion()
+            } else {
+                Vec::new()
+            },
         };
         let key = cfg.metric;
         let value = m.value(key);

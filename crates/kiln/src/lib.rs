@@ -21,7 +21,7 @@ pub mod prelude {
     };
     pub use kiln_models::{
         generate, BertForSequenceClassification, BertModel, GenerationConfig, LlamaForCausalLM,
-        QuantActivations,
+        LoadOptions, QuantActivations,
     };
     pub use kiln_nn::loss::{self, Loss, Reduction};
     pub use kiln_nn::optim::Optimizer;

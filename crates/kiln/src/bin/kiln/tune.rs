@@ -285,6 +285,11 @@ pub fn run_finetune(m: &ArgMatches) -> Result<(), Error> {
     for (k, v) in &report.valid {
         writeln!(out, "validation {k}: {v:.4}")?;
     }
+    writeln!(
+        out,
+        "{}",
+        kiln::tune::metrics::confusion_table(&report.labels, &report.confusion)
+    )?;
     writeln!(out, "saved to {}", report.out.display())?;
     Ok(())
 }
