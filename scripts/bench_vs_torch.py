@@ -10,8 +10,15 @@ Python with torch, in order of preference:
   3. the virtualenv .venv-bench/ at the repository root (ignored by git), created on first use
      with torch from PyPI.
 
-Usage: scripts/bench_vs_torch.py [--reps N] [--rounds R] [--threads 1,2] [--quick]
-                                 [--peak-per-core GFLOPS] [--json FILE]
+Usage: scripts/bench_vs_torch.py [--suite core|bert] [--reps N] [--rounds R] [--threads 1,2]
+                                 [--quick] [--peak-per-core GFLOPS] [--json FILE]
+
+`--suite bert` (default `core`) times all-MiniLM-L6-v2 instead: kiln's
+`cargo run --release --example bench_bert` against transformers' BertForSequenceClassification
+(2 labels) loaded from the same directory, with the same token ids, thread counts and f32 weights:
+eval-mode forward under no_grad for [32, 128] (sentences/s) and [1, 16] (latency), and one
+train-mode fine-tuning step [16, 128] (cross-entropy, backward, AdamW lr 2e-5, zero_grad). Each
+workload of each side runs in its own process, whose peak RSS (ru_maxrss from wait4) is reported.
 
 With --rounds R > 1 the two sides alternate R times and each workload keeps its best median:
 on a shared, noisy machine this compares both at their least disturbed moments.
@@ -186,6 +193,183 @@ def run_torch(args):
     return dict(framework="torch", version=torch.__version__, results=results)
 
 
+BERT_WORKLOADS = ["minilm_fwd_b32_s128", "minilm_fwd_b1_s16", "minilm_train_step_b16_s128"]
+
+
+def minilm_dir():
+    """all-MiniLM-L6-v2's directory: $KILN_MODEL_DIR or <repo>/.cache/models, fetched if missing."""
+    base = Path(os.environ.get("KILN_MODEL_DIR") or ROOT / ".cache" / "models")
+    d = base / "all-MiniLM-L6-v2"
+    if not (d / "model.safetensors").exists() or not (d / "config.json").exists():
+        subprocess.check_call([str(ROOT / "scripts" / "fetch_models.sh"), "minilm"], cwd=ROOT)
+    return d
+
+
+def run_measured(cmd, **kw):
+    """Runs cmd; returns (stdout, peak RSS in bytes of that process) via wait4's rusage."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, **kw)
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        sys.exit(f"bench_vs_torch: {' '.join(map(str, cmd))} failed with {p.returncode}")
+    return out, usage.ru_maxrss * 1024
+
+
+def last_json(out):
+    lines = [line for line in out.splitlines() if line.strip().startswith("{")]
+    return json.loads(lines[-1])
+
+
+def bench_bert_binary():
+    """Builds examples/bench_bert in release mode; returns the executable's path."""
+    cmd = ["cargo", "build", "--release", "-p", "kiln", "--example", "bench_bert",
+           "--message-format=json"]
+    print("bench_vs_torch: " + " ".join(cmd), file=sys.stderr)
+    out = subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True).stdout
+    exe = None
+    for line in out.splitlines():
+        msg = json.loads(line)
+        if msg.get("reason") == "compiler-artifact" and msg.get("executable") and \
+                msg["target"]["name"] == "bench_bert":
+            exe = msg["executable"]
+    if exe is None:
+        sys.exit("bench_vs_torch: cargo did not report the bench_bert executable")
+    return exe
+
+
+def run_kiln_bert(args, exe):
+    """Each bench_bert workload in its own process; results carry that process's peak RSS."""
+    results = []
+    for name in BERT_WORKLOADS:
+        cmd = [exe, "--only", name, "--reps", str(args.reps),
+               "--threads", ",".join(map(str, args.threads))]
+        if args.quick:
+            cmd.append("--quick")
+        out, rss = run_measured(cmd, cwd=ROOT)
+        res = last_json(out)
+        for r in res["results"]:
+            r["peak_rss"] = rss
+        results += res["results"]
+    return dict(framework="kiln", max_threads=res["max_threads"], results=results)
+
+
+def minilm_ids(torch, b, length):
+    """The token ids bench_bert uses: (7·i + 3·j) mod 30000 + 1000."""
+    i = torch.arange(b).unsqueeze(1)
+    j = torch.arange(length).unsqueeze(0)
+    return (7 * i + 3 * j) % 30000 + 1000
+
+
+def torch_bert_worker(args):
+    """One BERT workload in PyTorch (in this process); prints bench_bert's JSON format."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    name = args.torch_bert
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(str(minilm_dir()), num_labels=2)
+    model = model.float()
+    reps = 1 if args.quick else max(1, args.reps)
+    warmup = 1 if args.quick else 2
+    results = []
+    for t in args.threads:
+        torch.set_num_threads(t)
+        if name.startswith("minilm_fwd"):
+            b, length = (32, 128) if name == "minilm_fwd_b32_s128" else (1, 16)
+            model.eval()
+            x = minilm_ids(torch, b, length)
+
+            def fwd():
+                with torch.no_grad():
+                    model(input_ids=x)
+
+            med, mn = timed(warmup, reps, 1, fwd)
+        else:
+            b = 16
+            model.train()
+            x = minilm_ids(torch, b, 128)
+            y = torch.arange(b) % 2
+            opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
+
+            def step():
+                logits = model(input_ids=x).logits
+                torch.nn.functional.cross_entropy(logits, y).backward()
+                opt.step()
+                opt.zero_grad()
+
+            med, mn = timed(warmup, reps, 1, step)
+        results.append(dict(name=name, threads=t, median_s=med, min_s=mn, reps=reps,
+                            sent_per_s=b / med))
+    print(json.dumps(dict(framework="torch", version=torch.__version__, results=results)))
+
+
+def run_torch_bert(args):
+    """Each BERT workload in its own python process (this script as --torch-bert worker)."""
+    results = []
+    version = None
+    for name in BERT_WORKLOADS:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--torch-bert", name,
+               "--reps", str(args.reps), "--threads", ",".join(map(str, args.threads))]
+        if args.quick:
+            cmd.append("--quick")
+        out, rss = run_measured(cmd, cwd=ROOT)
+        res = last_json(out)
+        version = res["version"]
+        for r in res["results"]:
+            r["peak_rss"] = rss
+        results += res["results"]
+    return dict(framework="torch", version=version, results=results)
+
+
+def fmt_mb(b):
+    return f"{b / 1e6:.0f} MB" if b else "-"
+
+
+def bert_table(kiln, torch_res):
+    by_key = lambda res: {(r["name"], r["threads"]): r for r in res["results"]}
+    k, t = by_key(kiln), by_key(torch_res)
+    keys = list(dict.fromkeys([*t.keys(), *k.keys()]))
+    head = ["workload", "thr", "kiln", "torch", "kiln/torch time", "kiln sent/s", "torch sent/s",
+            "kiln RSS", "torch RSS", "kiln/torch RSS"]
+    rows = []
+    for key in keys:
+        kr, tr = k.get(key), t.get(key)
+        km = kr["median_s"] if kr else None
+        tm = tr["median_s"] if tr else None
+        krss = kr.get("peak_rss") if kr else None
+        trss = tr.get("peak_rss") if tr else None
+        rows.append([
+            key[0], str(key[1]), fmt_time(km), fmt_time(tm),
+            f"{km / tm:.2f}" if km and tm else "-",
+            f"{kr['sent_per_s']:.1f}" if kr else "-",
+            f"{tr['sent_per_s']:.1f}" if tr else "-",
+            fmt_mb(krss), fmt_mb(trss),
+            f"{krss / trss:.2f}" if krss and trss else "-",
+        ])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def main_bert(args):
+    """The `--suite bert` run: both sides, alternating `--rounds` times, then the table."""
+    exe = bench_bert_binary()
+    kiln, torch_res = None, None
+    for _ in range(max(1, args.rounds)):
+        kiln = merge_best(kiln, run_kiln_bert(args, exe))
+        args.threads = [t for t in args.threads if t <= kiln["max_threads"]]
+        torch_res = merge_best(torch_res, run_torch_bert(args))
+    print(bert_table(kiln, torch_res))
+    print(f"\ntorch {torch_res['version']} (transformers BertForSequenceClassification); "
+          f"kiln/torch < 1 means kiln is faster / smaller; medians of {args.reps} runs, best "
+          f"of {max(1, args.rounds)} round(s); RSS: peak of the process running that workload.")
+    if args.json:
+        args.json.write_text(json.dumps({"kiln": kiln, "torch": torch_res}, indent=2))
+
+
 def merge_best(best, res):
     """`best` with each workload of `res` whose median beats it (or is new)."""
     if best is None:
@@ -252,10 +436,19 @@ def main():
     parser.add_argument("--peak-per-core", type=float, default=DEFAULT_PEAK_PER_CORE,
                         help="f32 GFLOP/s peak of one core, for the %%peak columns")
     parser.add_argument("--json", type=Path, help="also write both result sets to this file")
+    parser.add_argument("--suite", choices=["core", "bert"], default="core",
+                        help="core ops (bench_core, default) or MiniLM (bench_bert)")
+    parser.add_argument("--torch-bert", choices=BERT_WORKLOADS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.threads = [int(t) for t in args.threads.split(",")]
 
     ensure_torch()
+    if args.torch_bert:
+        torch_bert_worker(args)
+        return
+    if args.suite == "bert":
+        main_bert(args)
+        return
     kiln, torch_res = None, None
     for _ in range(max(1, args.rounds)):
         kiln = merge_best(kiln, run_kiln(args))
