@@ -2,6 +2,7 @@
 //! train/eval, freezing by glob, summaries.
 
 use crate::error::NnError;
+use crate::layers::AdapterSlot;
 use kiln_core::{DType, Shape, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -107,6 +108,9 @@ pub enum Visited<'a> {
     Buffer(&'a str, &'a Buffer),
     /// A train/eval flag.
     Flag(&'a TrainFlag),
+    /// The adapter slot of a layer (a [`Linear`](crate::Linear)), with the layer's dotted name;
+    /// the adapter's own items (if one is set) follow under that same name.
+    Adapter(&'a str, &'a AdapterSlot),
 }
 
 /// Walks a module tree, keeping the dotted path, and reports each item to a callback.
@@ -156,6 +160,11 @@ impl<'f> Visitor<'f> {
     /// Reports a train/eval flag.
     pub fn flag(&mut self, f: &TrainFlag) {
         (self.callback)(Visited::Flag(f));
+    }
+
+    /// Reports the adapter slot of the layer being visited (named by the current path).
+    pub fn adapter(&mut self, slot: &AdapterSlot) {
+        (self.callback)(Visited::Adapter(&self.path, slot));
     }
 
     /// Visits sub-module `m` under `name`.
@@ -391,6 +400,19 @@ pub trait ModuleExt: Module {
         out
     }
 
+    /// The adapter slot of every layer that has one (every [`Linear`](crate::Linear)), with the
+    /// layer's dotted name, in visiting order. The slots are shared with the layers: setting an
+    /// adapter in one changes that layer's output.
+    fn adapter_slots(&self) -> Vec<(String, AdapterSlot)> {
+        let mut out = Vec::new();
+        self.walk(|v| {
+            if let Visited::Adapter(n, s) = v {
+                out.push((n.to_string(), s.clone()))
+            }
+        });
+        out
+    }
+
     /// Total number of parameter elements.
     fn num_parameters(&self) -> usize {
         self.parameters().iter().map(|p| p.elem_count()).sum()
@@ -528,7 +550,7 @@ pub trait ModuleExt: Module {
                 format!("{}", b.shape()),
                 "-"
             )),
-            Visited::Flag(_) => {}
+            Visited::Flag(_) | Visited::Adapter(..) => {}
         });
         lines.push(format!(
             "total parameters: {}  trainable: {}",
