@@ -4,5 +4,12 @@
 //! streaming metrics, early stopping, progress, metrics log, atomic checkpoints and exact resume).
 
 pub mod error;
+pub mod lora;
+pub mod method;
 
 pub use error::{Result, TuneError};
+pub use lora::{
+    apply_lora, load_adapter, lora_layers, merge_lora, remove_lora, save_adapter, unmerge_lora,
+    LoraConfig, LoraLinear, LoraReport,
+};
+pub use method::{methods, MethodFn, Methods};
