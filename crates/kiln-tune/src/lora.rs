@@ -40,7 +40,7 @@ use kiln_nn::{init, Forward, Module, ModuleExt, NnError, Param, StateDict, Visit
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::any::Any;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -797,7 +797,8 @@ pub fn save_adapter<M: Module + ?Sized>(
             l.lora_b().tensor().clone(),
         );
     }
-    for (name, p) in saved_parameters(model, &config.modules_to_save, true)? {
+    // Not strict: PEFT's own configs list names for other architectures (`score`).
+    for (name, p) in saved_parameters(model, &config.modules_to_save, false)? {
         sd.insert(prefixed(&name), p.tensor().clone());
     }
     // PEFT matches a list entry as a whole name or a dot-bounded suffix; globs have no PEFT
