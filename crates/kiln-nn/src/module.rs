@@ -2,6 +2,7 @@
 //! train/eval, freezing by glob, summaries.
 
 use crate::error::NnError;
+use crate::layers::AdapterSlot;
 use kiln_core::{DType, Rng, Shape, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -142,6 +143,9 @@ pub enum Visited<'a> {
     Flag(&'a TrainFlag),
     /// A random generator.
     Rng(&'a RandomState),
+    /// The adapter slot of a layer (a [`Linear`](crate::Linear)), with the layer's dotted name;
+    /// the adapter's own items (if one is set) follow under that same name.
+    Adapter(&'a str, &'a AdapterSlot),
 }
 
 /// Walks a module tree, keeping the dotted path, and reports each item to a callback.
@@ -196,6 +200,11 @@ impl<'f> Visitor<'f> {
     /// Reports a random generator.
     pub fn rng(&mut self, r: &RandomState) {
         (self.callback)(Visited::Rng(r));
+    }
+
+    /// Reports the adapter slot of the layer being visited (named by the current path).
+    pub fn adapter(&mut self, slot: &AdapterSlot) {
+        (self.callback)(Visited::Adapter(&self.path, slot));
     }
 
     /// Visits sub-module `m` under `name`.
@@ -437,6 +446,19 @@ pub trait ModuleExt: Module {
         out
     }
 
+    /// The adapter slot of every layer that has one (every [`Linear`](crate::Linear)), with the
+    /// layer's dotted name, in visiting order. The slots are shared with the layers: setting an
+    /// adapter in one changes that layer's output.
+    fn adapter_slots(&self) -> Vec<(String, AdapterSlot)> {
+        let mut out = Vec::new();
+        self.walk(|v| {
+            if let Visited::Adapter(n, s) = v {
+                out.push((n.to_string(), s.clone()))
+            }
+        });
+        out
+    }
+
     /// Total number of parameter elements.
     fn num_parameters(&self) -> usize {
         self.parameters().iter().map(|p| p.elem_count()).sum()
@@ -603,7 +625,7 @@ pub trait ModuleExt: Module {
                 format!("{}", b.shape()),
                 "-"
             )),
-            Visited::Flag(_) | Visited::Rng(_) => {}
+            Visited::Flag(_) | Visited::Rng(_) | Visited::Adapter(..) => {}
         });
         lines.push(format!(
             "total parameters: {}  trainable: {}",

@@ -5,7 +5,8 @@
 
 pub mod data;
 pub mod error;
-pub mod methods;
+pub mod lora;
+pub mod method;
 pub mod metrics;
 pub mod plot;
 pub mod recipe;
@@ -15,6 +16,11 @@ pub mod trainer;
 
 pub use data::{Columns, TextBatch, TextDataset};
 pub use error::{Result, TuneError};
+pub use lora::{
+    apply_lora, load_adapter, lora_layers, merge_lora, remove_lora, save_adapter, unmerge_lora,
+    LoraConfig, LoraLinear, LoraReport,
+};
+pub use method::{methods, MethodFn, Methods};
 pub use metrics::{Metric, MetricState};
 pub use recipe::{DataSpec, Recipe, RecipeReport};
 pub use save::{load_classifier, predict, save_classifier, Prediction};
@@ -22,8 +28,3 @@ pub use strategy::{Method, Plan, Strategy};
 pub use trainer::{
     evaluate, Callback, Evaluation, Schedule, SequenceModel, TrainConfig, TrainReport, Trainer,
 };
-
-/// The methods registered before any user code runs.
-fn builtin_methods() -> std::collections::BTreeMap<String, methods::MethodFn> {
-    std::collections::BTreeMap::new()
-}

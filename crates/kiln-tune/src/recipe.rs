@@ -181,9 +181,33 @@ impl Recipe {
         Ok(r)
     }
 
-    /// The strategy the recipe names.
+    /// The strategy the recipe names. For LoRA on a classifier, the new classification head
+    /// trains too and is saved with the adapter (PEFT's `modules_to_save`), unless the recipe
+    /// says otherwise.
     pub fn strategy(&self) -> Result<Strategy> {
-        Strategy::from_toml(self.strategy.clone())
+        let mut table = self.strategy.clone();
+        let is_lora = table
+            .get("type")
+            .and_then(|v| v.as_str())
+            .is_some_and(|t| t.eq_ignore_ascii_case("lora"));
+        if is_lora && !table.contains_key("modules_to_save") {
+            table.insert(
+                "modules_to_save".into(),
+                toml::Value::Array(vec![toml::Value::String("classifier".into())]),
+            );
+        }
+        Strategy::from_toml(table)
+    }
+
+    fn lora_config(&self) -> Result<Option<crate::lora::LoraConfig>> {
+        match self.strategy()?.method {
+            crate::strategy::Method::Adapter { name, args }
+                if name.eq_ignore_ascii_case("lora") =>
+            {
+                Ok(Some(crate::lora::LoraConfig::from_toml_table(args)?))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Runs the job: loads the model and data, trains with progress and logs under `out`,
@@ -225,6 +249,18 @@ impl Recipe {
                 }
             }
         };
+        if let Some(lora) = self.lora_config()? {
+            // The adapter in PEFT layout (with the trained head), then the merged model.
+            let base = self.model.display().to_string();
+            crate::lora::save_adapter(
+                &model,
+                &lora,
+                self.out.join("adapter"),
+                Some(&base),
+                Some("SEQ_CLS"),
+            )?;
+            crate::lora::remove_lora(&model, true)?;
+        }
         crate::save::save_classifier(&model, &tokenizer_path, &self.out)?;
         valid.write_csv(&self.out.join("valid.csv"))?;
         let result = RecipeReport {

@@ -99,7 +99,7 @@ impl Strategy {
         Self::with_method(Method::BitFit)
     }
 
-    /// A method registered by name (see [`crate::methods`]), e.g. `lora` with its arguments.
+    /// A method registered by name (see [`crate::methods`](crate::method::methods)), e.g. `lora` with its arguments.
     pub fn adapter(name: impl Into<String>, args: toml::Table) -> Self {
         Self::with_method(Method::Adapter {
             name: name.into(),
@@ -247,7 +247,7 @@ impl Strategy {
     pub fn plan<M: Module>(&self, model: &M) -> Result<Plan> {
         self.validate()?;
         if let Method::Adapter { name, args } = &self.method {
-            crate::methods::apply(name, model, args)?;
+            crate::method::methods().apply(name, model, args.clone())?;
         }
         // Trainability decided by an adapter method is the starting point for it; for the
         // others every parameter starts trainable.

@@ -1,5 +1,8 @@
-//! `Linear`: `y = x Wᵀ + b`, parameters named and shaped like `torch.nn.Linear`.
+//! `Linear`: `y = x Wᵀ + b`, parameters named and shaped like `torch.nn.Linear`, with an
+//! [`AdapterSlot`] where LoRA and other adapters hook in.
 
+use super::adapter::AdapterSlot;
+use crate::error::NnError;
 use crate::init;
 use crate::{Forward, Module, Param};
 use kiln_core::{Rng, Tensor};
@@ -11,6 +14,9 @@ pub struct Linear {
     pub weight: Param,
     /// `[out_features]`, if the layer has a bias.
     pub bias: Option<Param>,
+    /// Where an adapter (e.g. LoRA) can be set; empty by default. Its parameters are named
+    /// under this layer's path (`lora_A.weight`), not under `adapter`.
+    pub adapter: AdapterSlot,
 }
 
 /// Options of [`Linear::with_config`].
@@ -58,6 +64,7 @@ impl Linear {
         Linear {
             weight: Param::new(weight),
             bias,
+            adapter: AdapterSlot::new(),
         }
     }
 
@@ -81,6 +88,7 @@ impl Linear {
         Linear {
             weight: Param::new(weight),
             bias: bias.map(Param::new),
+            adapter: AdapterSlot::new(),
         }
     }
 
@@ -93,14 +101,36 @@ impl Linear {
     pub fn out_features(&self) -> usize {
         self.weight.dims()[0]
     }
+
+    /// Folds the adapter into `weight` (see [`LinearAdapter::merge_into`](super::LinearAdapter::merge_into));
+    /// false when the slot is empty.
+    pub fn merge_adapter(&self) -> Result<bool, NnError> {
+        match self.adapter.get() {
+            Some(a) => a.merge_into(self.weight.tensor()).map(|_| true),
+            None => Ok(false),
+        }
+    }
+
+    /// Takes a merged adapter back out of `weight`; false when the slot is empty.
+    pub fn unmerge_adapter(&self) -> Result<bool, NnError> {
+        match self.adapter.get() {
+            Some(a) => a.unmerge_from(self.weight.tensor()).map(|_| true),
+            None => Ok(false),
+        }
+    }
 }
 
 impl Forward for Linear {
-    /// `x.matmul(Wᵀ) + b` for `x` of shape `[.., in]` (`Wᵀ` is a strided view, not a copy).
+    /// `x.matmul(Wᵀ) + b` for `x` of shape `[.., in]` (`Wᵀ` is a strided view, not a copy),
+    /// passed through the adapter when one is set.
     fn forward(&self, x: &Tensor) -> Tensor {
         let y = x.matmul(&self.weight.t());
-        match &self.bias {
+        let y = match &self.bias {
             Some(b) => y.add(b),
+            None => y,
+        };
+        match self.adapter.get() {
+            Some(a) => a.adapt(x, y),
             None => y,
         }
     }

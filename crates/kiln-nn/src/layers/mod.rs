@@ -2,6 +2,7 @@
 //! [`gradcheck_module`] to check a layer's gradients with respect to its input and parameters.
 
 mod activation;
+mod adapter;
 mod attention;
 mod batchnorm;
 mod conv;
@@ -16,6 +17,7 @@ mod sequential;
 mod transformer;
 
 pub use activation::{Gelu, GeluApprox, Relu, Sigmoid, Silu, Softmax, Tanh};
+pub use adapter::{AdapterSlot, LinearAdapter};
 pub use attention::{scaled_dot_product_attention, MhaConfig, MhaOptions, MultiheadAttention};
 pub use batchnorm::{batch_norm, BatchNorm1d, BatchNorm2d, BatchNormConfig};
 pub use conv::{Conv1d, Conv1dConfig, Conv2d, Conv2dConfig, Padding1d, Padding2d};
