@@ -20,6 +20,16 @@ eval-mode forward under no_grad for [32, 128] (sentences/s) and [1, 16] (latency
 train-mode fine-tuning step [16, 128] (cross-entropy, backward, AdamW lr 2e-5, zero_grad). Each
 workload of each side runs in its own process, whose peak RSS (ru_maxrss from wait4) is reported.
 
+       scripts/bench_vs_torch.py --suite llm [--threads 1,2] [--prompt-tokens 128]
+                                 [--new-tokens 64] [--llm-reps 3] [--quick] [--json FILE]
+
+`--suite llm`: SmolLM2-135M-Instruct (Q4_1 GGUF, scripts/fetch_models.sh smollm2): prompt
+processing (tokens/s) and greedy decoding (tokens/s) in kiln (`--example bench_llm`, quantised
+weights with 8-bit and with f32 activations), PyTorch + transformers (the GGUF dequantised to
+f32) and llama.cpp (PyPI llama-cpp-python, built from source for this CPU on first use in the
+git-ignored .venv-llama/ at the repository root), each in its own process (peak RSS from
+wait4), same token ids, thread counts and token counts. Prints a table with the ratios.
+
 With --rounds R > 1 the two sides alternate R times and each workload keeps its best median:
 on a shared, noisy machine this compares both at their least disturbed moments.
 """
@@ -426,6 +436,215 @@ def table(kiln, torch_res, peak_per_core):
     return "\n".join(out)
 
 
+# ------------------------------------------------------------------ --suite llm (SmolLM2)
+
+LLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA_VENV = ROOT / ".venv-llama"
+LLAMA_CMAKE_ARGS = "-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF"
+
+
+def llm_prompt_ids(n):
+    """The prompt every side runs: n deterministic token ids (all inside SmolLM2's vocabulary)."""
+    return [(i * 7919 + 13) % 40000 + 100 for i in range(n)]
+
+
+def llm_gguf_path():
+    models = Path(os.environ.get("KILN_MODEL_DIR", ROOT / ".cache" / "models"))
+    path = models / "smollm2" / LLM_GGUF
+    if not path.exists():
+        subprocess.check_call(["bash", str(ROOT / "scripts" / "fetch_models.sh"), "smollm2"],
+                              env=dict(os.environ, KILN_MODEL_DIR=str(models)))
+    return path
+
+
+def ensure_llama_cpp():
+    """The python of .venv-llama/, with llama-cpp-python built from source for this CPU."""
+    python = LLAMA_VENV / "bin" / "python"
+    if python.exists() and subprocess.run([str(python), "-c", "import llama_cpp"],
+                                          capture_output=True).returncode == 0:
+        return python
+    print(f"bench_vs_torch: building llama-cpp-python into {LLAMA_VENV} (several minutes) ...",
+          file=sys.stderr)
+    if not python.exists():
+        subprocess.check_call([sys.executable, "-m", "venv", str(LLAMA_VENV)])
+    env = dict(os.environ, CMAKE_ARGS=LLAMA_CMAKE_ARGS, CMAKE_BUILD_PARALLEL_LEVEL="1")
+    subprocess.check_call(["nice", "-n", "19", str(python), "-m", "pip", "install",
+                           "--no-cache-dir", "llama-cpp-python", "numpy"],
+                          env=env, stdout=sys.stderr)
+    return python
+
+
+def run_measured(cmd, threads, env=None):
+    """Runs cmd in its own process with `threads` threads everywhere; returns its last JSON
+    line with the process's peak RSS (MiB, from wait4) added."""
+    env = dict(env or os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               KILN_NUM_THREADS=str(threads))
+    print("bench_vs_torch: " + " ".join(map(str, cmd)), file=sys.stderr)
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_vs_torch: {cmd[0]} failed ({proc.returncode})")
+    lines = [line for line in out.splitlines() if line.strip().startswith("{")]
+    res = json.loads(lines[-1])
+    res["peak_rss_mib"] = usage.ru_maxrss / 1024  # Linux reports KiB
+    return res
+
+
+def llm_worker_torch(args, ids):
+    """Worker process: PyTorch + transformers on the dequantised GGUF; prints one JSON line."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads[0])
+    gguf = llm_gguf_path()
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+    x = torch.tensor([ids])
+
+    def run():
+        with torch.inference_mode():
+            t = time.perf_counter()
+            out = model(x, use_cache=True, logits_to_keep=1)
+            nxt = out.logits[0, -1].argmax()
+            prompt_s = time.perf_counter() - t
+            past = out.past_key_values
+            t = time.perf_counter()
+            toks = []
+            for _ in range(args.new_tokens):
+                toks.append(int(nxt))
+                out = model(nxt.view(1, 1), past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                nxt = out.logits[0, -1].argmax()
+            return prompt_s, time.perf_counter() - t, toks
+
+    return llm_worker_finish("pytorch", args, ids, load_s, run,
+                             {"version": f"torch {torch.__version__}, transformers "
+                                         f"{transformers.__version__}"})
+
+
+def llm_worker_llama_cpp(args, ids):
+    """Worker process: llama.cpp (llama-cpp-python) on the GGUF itself; prints one JSON line."""
+    import llama_cpp
+    import numpy as np
+
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=str(llm_gguf_path()), n_ctx=1024, n_batch=512,
+                          n_threads=args.threads[0], n_threads_batch=args.threads[0],
+                          logits_all=False, verbose=False)
+    load_s = time.perf_counter() - t0
+    n_vocab = llm.n_vocab()
+
+    def last_argmax():
+        # Without logits_all, eval keeps no scores: read the context's only logits row.
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+
+    def run():
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(ids)
+        nxt = last_argmax()
+        prompt_s = time.perf_counter() - t
+        t = time.perf_counter()
+        toks = []
+        for _ in range(args.new_tokens):
+            toks.append(nxt)
+            llm.eval([nxt])
+            nxt = last_argmax()
+        return prompt_s, time.perf_counter() - t, toks
+
+    return llm_worker_finish("llama.cpp", args, ids, load_s, run,
+                             {"version": f"llama-cpp-python {llama_cpp.__version__}"})
+
+
+def llm_worker_finish(side, args, ids, load_s, run, extra):
+    """One warm-up, then the medians of --llm-reps runs, as one JSON line on stdout."""
+    _, _, toks = run()
+    prompt, decode = [], []
+    for _ in range(args.llm_reps):
+        p, d, _ = run()
+        prompt.append(len(ids) / p)
+        decode.append(args.new_tokens / max(d, 1e-12))
+    print(json.dumps({"side": side, "threads": args.threads[0], "prompt_tokens": len(ids),
+                      "new_tokens": args.new_tokens, "load_s": load_s,
+                      "prompt_tok_s": statistics.median(prompt),
+                      "decode_tok_s": statistics.median(decode), "tokens": toks, **extra}))
+
+
+def kiln_example_binary(name):
+    """Builds a release example of the kiln crate; returns the binary's path."""
+    subprocess.check_call(["cargo", "build", "--quiet", "--release", "-p", "kiln", "--example",
+                           name], cwd=ROOT)
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    if not target.is_absolute():
+        target = ROOT / target
+    return target / "release" / "examples" / name
+
+
+def run_llm_suite(args):
+    """--suite llm: every side in its own process, then a table."""
+    if args.quick:
+        args.prompt_tokens, args.new_tokens, args.llm_reps = 16, 4, 1
+    ids = llm_prompt_ids(args.prompt_tokens)
+    gguf = llm_gguf_path()
+    kiln_bin = kiln_example_binary("bench_llm")
+    llama_python = ensure_llama_cpp()
+    me = Path(__file__).resolve()
+    common = ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+              "--llm-reps", str(args.llm_reps)]
+    worker_env = dict(os.environ, KILN_BENCH_REEXEC="1")
+    results = []
+    for t in args.threads:
+        for weights in ["q8", "quant"]:
+            r = run_measured([kiln_bin, "--gguf", gguf, "--weights", weights, "--threads", t,
+                              "--prompt-tokens", args.prompt_tokens, "--new-tokens",
+                              args.new_tokens, "--reps", args.llm_reps], t)
+            r["side"] = f"kiln ({'q8' if weights == 'q8' else 'f32'} act)"
+            results.append(r)
+        results.append(run_measured([sys.executable, me, "--llm-worker", "torch", "--threads",
+                                     str(t), *common], t, worker_env))
+        results.append(run_measured([llama_python, me, "--llm-worker", "llama.cpp",
+                                     "--threads", str(t), *common], t, worker_env))
+    print(llm_table(results))
+    versions = sorted({r["version"] for r in results if "version" in r})
+    print(f"\n{'; '.join(versions)}. Prompt: {args.prompt_tokens} tokens; decode: "
+          f"{args.new_tokens} greedy tokens; medians of {args.llm_reps} runs after a warm-up. "
+          "Ratios are kiln tok/s over the other side's: > 1 means kiln is faster.")
+    if args.json:
+        args.json.write_text(json.dumps({"llm": results}, indent=2))
+
+
+def llm_table(results):
+    """Markdown table: tok/s, peak RSS and kiln's ratios against llama.cpp and PyTorch."""
+    by = {(r["side"], r["threads"]): r for r in results}
+    head = ["side", "threads", "prompt tok/s", "decode tok/s", "peak RSS MiB",
+            "prompt kiln/llama.cpp", "decode kiln/llama.cpp", "prompt kiln/torch",
+            "decode kiln/torch"]
+    rows = []
+    for r in results:
+        cells = [r["side"], str(r["threads"]), f"{r['prompt_tok_s']:.1f}",
+                 f"{r['decode_tok_s']:.1f}", f"{r['peak_rss_mib']:.0f}"]
+        for other in ["llama.cpp", "pytorch"]:
+            o = by.get((other, r["threads"]))
+            for key in ["prompt_tok_s", "decode_tok_s"]:
+                cells.append(f"{r[key] / o[key]:.2f}" if o and r["side"].startswith("kiln")
+                             else "")
+        rows.append(cells)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+
+    def line(cells):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    return "\n".join(out + [line(r) for r in rows])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=15, help="timed repetitions (median)")
@@ -436,11 +655,23 @@ def main():
     parser.add_argument("--peak-per-core", type=float, default=DEFAULT_PEAK_PER_CORE,
                         help="f32 GFLOP/s peak of one core, for the %%peak columns")
     parser.add_argument("--json", type=Path, help="also write both result sets to this file")
-    parser.add_argument("--suite", choices=["core", "bert"], default="core",
-                        help="core ops (bench_core, default) or MiniLM (bench_bert)")
+    parser.add_argument("--suite", choices=["core", "bert", "llm"], default="core",
+                        help="core: the kernel workloads (default); bert: MiniLM (bench_bert); "
+                             "llm: SmolLM2 generation")
     parser.add_argument("--torch-bert", choices=BERT_WORKLOADS, help=argparse.SUPPRESS)
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="llm: prompt length")
+    parser.add_argument("--new-tokens", type=int, default=64, help="llm: greedy tokens decoded")
+    parser.add_argument("--llm-reps", type=int, default=3, help="llm: timed runs (median)")
+    parser.add_argument("--llm-worker", choices=["torch", "llama.cpp"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.threads = [int(t) for t in args.threads.split(",")]
+    if args.llm_worker:
+        ids = llm_prompt_ids(args.prompt_tokens)
+        worker = llm_worker_torch if args.llm_worker == "torch" else llm_worker_llama_cpp
+        return worker(args, ids)
+    if args.suite == "llm":
+        ensure_torch()
+        return run_llm_suite(args)
 
     ensure_torch()
     if args.torch_bert:

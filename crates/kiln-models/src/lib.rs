@@ -33,5 +33,7 @@ pub use gpt2::{
     gpt2_key_map, gpt2_tokenizer_files, GPT2LMHeadModel, Gpt2Activation, Gpt2Cache, Gpt2Config,
     Gpt2Model,
 };
-pub use llama::{KvCache, LlamaConfig, LlamaForCausalLM, QuantActivations, RopeScaling};
+pub use llama::{
+    KvCache, LlamaConfig, LlamaForCausalLM, LlamaTokenizer, QuantActivations, RopeScaling,
+};
 pub use remap::KeyMap;

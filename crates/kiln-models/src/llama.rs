@@ -5,12 +5,17 @@
 //! layout) loads through [`LlamaForCausalLM::from_gguf`], either dequantised to f32 (trainable)
 //! or kept block-quantised (`Q4_0`/`Q4_1`/`Q8_0` matrices multiplied in their blocks).
 
+use crate::checkpoint::load_safetensors;
+use crate::config::HfConfig;
 use crate::error::ModelError;
 use crate::generation::CausalLm;
+use crate::gguf_tokenizer::tokenizer_from_gguf;
 use kiln_core::{DType, QMatrix, QType, Rng, Tensor};
+use kiln_data::{ChatTemplate, Tokenizer};
 use kiln_io::{GgmlType, GgufFile};
 use kiln_nn::layers::scaled_dot_product_attention;
-use kiln_nn::{Embedding, Forward, Linear, Module, RmsNorm, Visitor};
+use kiln_nn::{Embedding, Forward, Linear, Module, RmsNorm, StateDict, Visitor};
+use serde_json::{json, Map, Value};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -131,6 +136,148 @@ impl LlamaConfig {
         };
         config.validate(&file.path().display().to_string())?;
         Ok(config)
+    }
+
+    /// The config of a Hugging Face `config.json` (`model_type` "llama" or absent); absent
+    /// optional fields take `LlamaConfig`'s defaults in transformers. `rope_scaling` of type
+    /// "linear" and "llama3" are understood, "default" / null mean none; others are an error.
+    pub fn from_hf(c: &HfConfig) -> Result<LlamaConfig, ModelError> {
+        c.expect_model_type("llama")?;
+        let hidden: usize = c.require("hidden_size")?;
+        let heads: usize = c.require("num_attention_heads")?;
+        let kv: usize = c.get_or("num_key_value_heads", heads)?;
+        let head_dim = c.get_or("head_dim", hidden / heads.max(1))?;
+        // transformers 5 keeps theta and scaling in `rope_parameters`; older files at the top.
+        let rope: Option<Map<String, Value>> = match c.opt("rope_parameters")? {
+            Some(p) => Some(p),
+            None => c.opt("rope_scaling")?,
+        };
+        let rope_field = if c.map().contains_key("rope_parameters") {
+            "rope_parameters"
+        } else {
+            "rope_scaling"
+        };
+        let num = |m: &Map<String, Value>, key: &str| -> Result<f64, ModelError> {
+            m.get(key).and_then(Value::as_f64).ok_or_else(|| {
+                c.field_error(rope_field, format!("`{key}` is missing or not a number"))
+            })
+        };
+        let mut rope_theta: f64 = c.get_or("rope_theta", 10_000.0)?;
+        let mut rope_scaling = None;
+        if let Some(m) = &rope {
+            if let Some(t) = m.get("rope_theta").and_then(Value::as_f64) {
+                rope_theta = t;
+            }
+            let kind = m
+                .get("rope_type")
+                .or_else(|| m.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            rope_scaling = match kind {
+                "default" => None,
+                "linear" => Some(RopeScaling::Linear {
+                    factor: num(m, "factor")?,
+                }),
+                "llama3" => Some(RopeScaling::Llama3 {
+                    factor: num(m, "factor")?,
+                    low_freq_factor: num(m, "low_freq_factor")?,
+                    high_freq_factor: num(m, "high_freq_factor")?,
+                    original_max_position_embeddings: num(m, "original_max_position_embeddings")?
+                        as usize,
+                }),
+                other => {
+                    return Err(c.field_error(
+                        rope_field,
+                        format!(
+                            "rope type \"{other}\" is not supported (\"default\", \"linear\", \"llama3\")"
+                        ),
+                    ))
+                }
+            };
+        }
+        for (field, value) in [("attention_bias", true), ("mlp_bias", true)] {
+            if c.get_or(field, false)? == value {
+                return Err(c.field_error(field, "biases are not supported"));
+            }
+        }
+        let act: String = c.get_or("hidden_act", "silu".to_string())?;
+        if act != "silu" {
+            return Err(c.field_error(
+                "hidden_act",
+                format!("\"{act}\" is not supported (\"silu\")"),
+            ));
+        }
+        let config = LlamaConfig {
+            vocab_size: c.require("vocab_size")?,
+            hidden_size: hidden,
+            intermediate_size: c.require("intermediate_size")?,
+            num_hidden_layers: c.require("num_hidden_layers")?,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            head_dim,
+            rms_norm_eps: c.get_or("rms_norm_eps", 1e-6)?,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: c.get_or("max_position_embeddings", 2048)?,
+            tie_word_embeddings: c.get_or("tie_word_embeddings", false)?,
+        };
+        config.validate(c.origin())?;
+        Ok(config)
+    }
+
+    /// The `config.json` object transformers writes for `LlamaForCausalLM` (f32 weights; the
+    /// special token ids are given because the config does not hold them).
+    pub fn to_json_value(
+        &self,
+        bos_token_id: Option<u32>,
+        eos_token_id: Option<u32>,
+        pad_token_id: Option<u32>,
+    ) -> Value {
+        let rope_scaling = match &self.rope_scaling {
+            None => Value::Null,
+            Some(RopeScaling::Linear { factor }) => {
+                json!({"rope_type": "linear", "factor": factor})
+            }
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+        };
+        json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": false,
+            "attention_dropout": 0.0,
+            "mlp_bias": false,
+            "pretraining_tp": 1,
+            "initializer_range": 0.02,
+            "use_cache": true,
+            "bos_token_id": bos_token_id,
+            "eos_token_id": eos_token_id,
+            "pad_token_id": pad_token_id,
+            "torch_dtype": "float32",
+        })
     }
 
     fn validate(&self, origin: &str) -> Result<(), ModelError> {
@@ -361,6 +508,34 @@ impl KvCache {
     }
 }
 
+/// The tokenizer that travels with a Llama model: from the GGUF file, or from the
+/// `tokenizer.json` / `tokenizer_config.json` of a pretrained directory.
+#[derive(Debug, Clone)]
+pub struct LlamaTokenizer {
+    /// The tokenizer (its special token ids are the model's BOS / EOS / PAD).
+    pub tokenizer: Tokenizer,
+    /// The chat template's Jinja source, when the model has one.
+    pub chat_template: Option<String>,
+}
+
+impl LlamaTokenizer {
+    /// The compiled chat template, with the tokenizer's special tokens defined.
+    pub fn template(&self) -> Result<Option<ChatTemplate>, ModelError> {
+        self.chat_template
+            .as_deref()
+            .map(|src| {
+                ChatTemplate::new(src)
+                    .map(|t| t.with_tokenizer_tokens(&self.tokenizer))
+                    .map_err(|e| ModelError::ConfigField {
+                        origin: self.tokenizer.origin().to_string(),
+                        field: "chat_template".into(),
+                        message: e.to_string(),
+                    })
+            })
+            .transpose()
+    }
+}
+
 /// A Llama decoder with its language-model head.
 #[derive(Module, Debug, Clone)]
 pub struct LlamaForCausalLM {
@@ -371,6 +546,10 @@ pub struct LlamaForCausalLM {
     /// The shape.
     #[module(skip)]
     pub config: LlamaConfig,
+    /// The tokenizer loaded with the model (GGUF files with a byte-level BPE tokenizer,
+    /// directories with a `tokenizer.json`); [`LlamaForCausalLM::save_pretrained`] writes it.
+    #[module(skip)]
+    pub tokenizer: Option<LlamaTokenizer>,
     #[module(skip)]
     inv_freq: Vec<f64>,
 }
@@ -670,6 +849,24 @@ impl LlamaForCausalLM {
         };
         let norm = RmsNorm::from_weights(vector("output_norm.weight", hid)?, eps);
         let inv_freq = config.inv_freq();
+        let tokenizer = match file.metadata("tokenizer.ggml.model") {
+            Some(_) if file.get_str("tokenizer.ggml.model").map_err(io)? == "gpt2" => {
+                let (tokenizer, _) = tokenizer_from_gguf(&file)?;
+                let chat_template = match file.metadata("tokenizer.chat_template") {
+                    Some(_) => Some(
+                        file.get_str("tokenizer.chat_template")
+                            .map_err(io)?
+                            .to_string(),
+                    ),
+                    None => None,
+                };
+                Some(LlamaTokenizer {
+                    tokenizer,
+                    chat_template,
+                })
+            }
+            _ => None,
+        };
         Ok(LlamaForCausalLM {
             model: LlamaModel {
                 embed_tokens,
@@ -678,6 +875,7 @@ impl LlamaForCausalLM {
             },
             lm_head,
             config,
+            tokenizer,
             inv_freq,
         })
     }
@@ -730,8 +928,309 @@ impl LlamaForCausalLM {
             },
             lm_head,
             config,
+            tokenizer: None,
             inv_freq,
         }
+    }
+}
+
+impl Proj {
+    /// The weight `[out, in]` as a dense f32 tensor (quantised matrices dequantised).
+    fn dense_weight(&self) -> Tensor {
+        match self {
+            Proj::Dense(l) => l.weight.detach().to_dtype(DType::F32),
+            Proj::Quant(q, _) => q.dequantize(),
+        }
+    }
+}
+
+/// The names of one decoder layer's weights, in HF's order.
+const LAYER_WEIGHTS: [&str; 9] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+    "input_layernorm",
+    "post_attention_layernorm",
+];
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<(), ModelError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| io_err(path, e))?;
+    std::fs::write(path, text + "\n").map_err(|e| io_err(path, e))
+}
+
+impl LlamaForCausalLM {
+    /// Every weight under its Hugging Face name (`model.embed_tokens.weight`,
+    /// `model.layers.0.self_attn.q_proj.weight`, ..., `lm_head.weight`), dense f32: quantised
+    /// matrices are dequantised; a tied head is not stored (transformers ties it on load).
+    pub fn hf_state_dict(&self) -> StateDict {
+        let mut sd = StateDict::new();
+        let embed = match &self.model.embed_tokens {
+            TokenEmbedding::Dense(e) => e.weight.detach().to_dtype(DType::F32),
+            TokenEmbedding::Quant(q, _) => q.dequantize(),
+        };
+        sd.insert("model.embed_tokens.weight", embed);
+        let norm = |n: &RmsNorm| {
+            n.weight
+                .as_ref()
+                .map_or_else(|| Tensor::ones(n.normalized_shape.clone()), |w| w.detach())
+                .to_dtype(DType::F32)
+        };
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            let weights = [
+                a.q_proj.dense_weight(),
+                a.k_proj.dense_weight(),
+                a.v_proj.dense_weight(),
+                a.o_proj.dense_weight(),
+                m.gate_proj.dense_weight(),
+                m.up_proj.dense_weight(),
+                m.down_proj.dense_weight(),
+                norm(&layer.input_layernorm),
+                norm(&layer.post_attention_layernorm),
+            ];
+            for (name, w) in LAYER_WEIGHTS.iter().zip(weights) {
+                sd.insert(format!("model.layers.{i}.{name}.weight"), w);
+            }
+        }
+        sd.insert("model.norm.weight", norm(&self.model.norm));
+        if let Some(head) = &self.lm_head {
+            sd.insert("lm_head.weight", head.dense_weight());
+        }
+        sd
+    }
+
+    /// A dense model (trainable f32 weights) from Hugging Face-named tensors `sd` (see
+    /// [`LlamaForCausalLM::hf_state_dict`]); `path` names the checkpoint in errors. Every
+    /// weight must be there with its shape, and nothing else (RoPE `inv_freq` buffers and a
+    /// tied model's `lm_head.weight` are ignored).
+    pub fn from_hf_state_dict(
+        config: LlamaConfig,
+        sd: &StateDict,
+        path: &Path,
+    ) -> Result<LlamaForCausalLM, ModelError> {
+        config.validate(&path.display().to_string())?;
+        let misfit = |message: String| ModelError::Checkpoint {
+            path: path.to_path_buf(),
+            model: "LlamaForCausalLM",
+            message,
+        };
+        let mut used = std::collections::HashSet::new();
+        let mut take = |name: String, shape: &[usize]| -> Result<Tensor, ModelError> {
+            let t = sd
+                .get(&name)
+                .ok_or_else(|| misfit(format!("tensor `{name}` is missing")))?;
+            if t.dims() != shape {
+                return Err(misfit(format!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?}",
+                    t.dims()
+                )));
+            }
+            used.insert(name);
+            Ok(t.detach().to_dtype(DType::F32))
+        };
+        let c = &config;
+        let (hid, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
+        let (h, kv) = (c.num_attention_heads, c.num_key_value_heads);
+        let shapes: [Vec<usize>; 9] = [
+            vec![h * hd, hid],
+            vec![kv * hd, hid],
+            vec![kv * hd, hid],
+            vec![hid, h * hd],
+            vec![inter, hid],
+            vec![inter, hid],
+            vec![hid, inter],
+            vec![hid],
+            vec![hid],
+        ];
+        let embed = take("model.embed_tokens.weight".into(), &[c.vocab_size, hid])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let mut w = Vec::with_capacity(9);
+            for (name, shape) in LAYER_WEIGHTS.iter().zip(&shapes) {
+                w.push(take(format!("model.layers.{i}.{name}.weight"), shape)?);
+            }
+            let mut w = w.into_iter();
+            let mut lin = || Proj::Dense(Linear::from_weights(w.next().expect("9 weights"), None));
+            let (q_proj, k_proj, v_proj, o_proj) = (lin(), lin(), lin(), lin());
+            let (gate_proj, up_proj, down_proj) = (lin(), lin(), lin());
+            let mut norm = || RmsNorm::from_weights(w.next().expect("9 weights"), c.rms_norm_eps);
+            let (input_layernorm, post_attention_layernorm) = (norm(), norm());
+            layers.push(LlamaDecoderLayer {
+                self_attn: LlamaAttention {
+                    q_proj,
+                    k_proj,
+                    v_proj,
+                    o_proj,
+                },
+                mlp: LlamaMlp {
+                    gate_proj,
+                    up_proj,
+                    down_proj,
+                },
+                input_layernorm,
+                post_attention_layernorm,
+            });
+        }
+        let norm = RmsNorm::from_weights(take("model.norm.weight".into(), &[hid])?, c.rms_norm_eps);
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(Proj::Dense(Linear::from_weights(
+                take("lm_head.weight".into(), &[c.vocab_size, hid])?,
+                None,
+            )))
+        };
+        let unexpected: Vec<&str> = sd
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| {
+                !used.contains(*k)
+                    && !k.ends_with("rotary_emb.inv_freq")
+                    && !(c.tie_word_embeddings && *k == "lm_head.weight")
+            })
+            .collect();
+        if !unexpected.is_empty() {
+            let shown: Vec<&str> = unexpected.iter().take(8).copied().collect();
+            return Err(misfit(format!(
+                "{} unexpected tensors: {}{}",
+                unexpected.len(),
+                shown.join(", "),
+                if unexpected.len() > shown.len() {
+                    ", ..."
+                } else {
+                    ""
+                }
+            )));
+        }
+        let inv_freq = config.inv_freq();
+        Ok(LlamaForCausalLM {
+            model: LlamaModel {
+                embed_tokens: TokenEmbedding::Dense(Embedding::from_weights(embed)),
+                layers,
+                norm,
+            },
+            lm_head,
+            config,
+            tokenizer: None,
+            inv_freq,
+        })
+    }
+
+    /// Loads a Hugging Face directory: `config.json`, `model.safetensors` (dense; f16 / bf16
+    /// widened to f32) and, when there, the tokenizer (`tokenizer.json`, special tokens from
+    /// `special_tokens_map.json`, chat template from `tokenizer_config.json` or
+    /// `chat_template.jinja`).
+    pub fn from_pretrained(dir: impl AsRef<Path>) -> Result<LlamaForCausalLM, ModelError> {
+        let dir = dir.as_ref();
+        let config = LlamaConfig::from_hf(&HfConfig::from_file(dir.join("config.json"))?)?;
+        let path = dir.join("model.safetensors");
+        if !path.is_file() {
+            return Err(ModelError::MissingFile {
+                path,
+                what: "the model's weights (model.safetensors)",
+            });
+        }
+        let sd = load_safetensors(&path)?;
+        let mut model = LlamaForCausalLM::from_hf_state_dict(config, &sd, &path)?;
+        let tok_path = dir.join("tokenizer.json");
+        if tok_path.is_file() {
+            let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| io_err(&tok_path, e))?;
+            let cfg_path = dir.join("tokenizer_config.json");
+            let jinja = dir.join("chat_template.jinja");
+            let chat_template = if jinja.is_file() {
+                Some(std::fs::read_to_string(&jinja).map_err(|e| io_err(&jinja, e))?)
+            } else if cfg_path.is_file() {
+                HfConfig::from_file(&cfg_path)?.opt::<String>("chat_template")?
+            } else {
+                None
+            };
+            model.tokenizer = Some(LlamaTokenizer {
+                tokenizer,
+                chat_template,
+            });
+        }
+        Ok(model)
+    }
+
+    /// Writes a Hugging Face directory transformers loads with `AutoModelForCausalLM` /
+    /// `AutoTokenizer` (creating `dir`): `config.json`, `generation_config.json`,
+    /// `model.safetensors` (see [`LlamaForCausalLM::hf_state_dict`]) and, when the model has a
+    /// tokenizer, `tokenizer.json`, `tokenizer_config.json` (with the chat template) and
+    /// `special_tokens_map.json`.
+    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<(), ModelError> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let special = self
+            .tokenizer
+            .as_ref()
+            .map(|t| t.tokenizer.special_tokens().clone())
+            .unwrap_or_default();
+        let config = self
+            .config
+            .to_json_value(special.bos, special.eos, special.pad);
+        let path = dir.join("config.json");
+        write_json(&path, &config)?;
+        let mut generation = Map::new();
+        for (key, id) in [
+            ("bos_token_id", special.bos),
+            ("eos_token_id", special.eos),
+            ("pad_token_id", special.pad),
+        ] {
+            if let Some(id) = id {
+                generation.insert(key.into(), id.into());
+            }
+        }
+        let path = dir.join("generation_config.json");
+        write_json(&path, &Value::Object(generation))?;
+        let path = dir.join("model.safetensors");
+        kiln_nn::safetensors_io::save(&self.hf_state_dict(), &path)?;
+        if let Some(tok) = &self.tokenizer {
+            let path = dir.join("tokenizer.json");
+            tok.tokenizer
+                .hf()
+                .save(&path, false)
+                .map_err(|e| io_err(&path, e))?;
+            let name = |id: Option<u32>| {
+                id.and_then(|id| tok.tokenizer.id_to_token(id))
+                    .map_or(Value::Null, Value::String)
+            };
+            let mut map = Map::new();
+            for (key, id) in [
+                ("bos_token", special.bos),
+                ("eos_token", special.eos),
+                ("unk_token", special.unk),
+                ("pad_token", special.pad),
+            ] {
+                if id.is_some() {
+                    map.insert(key.into(), name(id));
+                }
+            }
+            let path = dir.join("special_tokens_map.json");
+            write_json(&path, &Value::Object(map.clone()))?;
+            map.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
+            map.insert("clean_up_tokenization_spaces".into(), false.into());
+            map.insert(
+                "model_max_length".into(),
+                self.config.max_position_embeddings.into(),
+            );
+            if let Some(src) = &tok.chat_template {
+                map.insert("chat_template".into(), src.clone().into());
+            }
+            let path = dir.join("tokenizer_config.json");
+            write_json(&path, &Value::Object(map))?;
+        }
+        Ok(())
     }
 }
 

@@ -220,3 +220,163 @@ fn bad_files_are_errors_naming_the_file() {
     assert!(e.contains("missing.gguf"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn saved_directory_reloads_with_the_same_logits_and_tokenizer() {
+    // Save the quantised model (projections are dequantised on the way out), reload it dense
+    // from the directory and compare with the dequantised GGUF model.
+    let quant = LlamaForCausalLM::from_gguf(gguf_path(), Some(QuantActivations::F32)).unwrap();
+    let dir = std::env::temp_dir().join(format!("kiln-llama-save-{}", std::process::id()));
+    quant.save_pretrained(&dir).unwrap();
+    drop(quant);
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        assert!(dir.join(f).is_file(), "{f} not written");
+    }
+    let saved = SafetensorsFile::open(dir.join("model.safetensors")).unwrap();
+    let names = saved.names();
+    assert!(
+        !names.contains(&"lm_head.weight"),
+        "tied head must not be stored"
+    );
+    assert_eq!(names.len(), 2 + 9 * 30);
+    let reloaded = LlamaForCausalLM::from_pretrained(&dir).unwrap();
+    let dense = LlamaForCausalLM::from_gguf(gguf_path(), None).unwrap();
+    assert_eq!(reloaded.config, dense.config);
+    assert_eq!(reloaded.num_parameters(), dense.num_parameters());
+    let mut worst = 0f64;
+    for i in 0..prompts().len() {
+        let ids = ids(i);
+        worst = worst.max(max_abs_diff(
+            &logits(&reloaded, &ids),
+            &logits(&dense, &ids),
+        ));
+    }
+    eprintln!("llama save/reload vs GGUF: max abs logit diff {worst:.3e}");
+    assert!(worst <= 1e-4, "max abs logit diff {worst}");
+
+    // The tokenizer comes back with the same ids, special tokens and chat template.
+    let (orig, orig_template) = tokenizer_from_gguf(&GgufFile::open(gguf_path()).unwrap()).unwrap();
+    let tok = reloaded.tokenizer.as_ref().expect("tokenizer saved");
+    assert_eq!(tok.tokenizer.special_tokens(), orig.special_tokens());
+    for (i, prompt) in prompts().iter().enumerate() {
+        assert_eq!(tok.tokenizer.encode(prompt, false).unwrap().ids, ids(i));
+        assert_eq!(
+            tok.tokenizer.encode(prompt, true).unwrap().ids,
+            orig.encode(prompt, true).unwrap().ids
+        );
+    }
+    let chat = [
+        kiln_data::ChatMessage::system("Be brief."),
+        kiln_data::ChatMessage::user("Hi <|im_end|> there"),
+    ];
+    let rendered = tok
+        .template()
+        .unwrap()
+        .unwrap()
+        .render(&chat, true)
+        .unwrap();
+    assert_eq!(
+        rendered,
+        orig_template.unwrap().render(&chat, true).unwrap()
+    );
+    assert_eq!(
+        tok.tokenizer.encode(&rendered, false).unwrap().ids,
+        orig.encode(&rendered, false).unwrap().ids
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(config["torch_dtype"], "float32");
+    assert_eq!(config["eos_token_id"], orig.eos_id().unwrap());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn pretrained_directory_errors_name_file_and_field() {
+    let dir = std::env::temp_dir().join(format!("kiln-llama-badcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let e = LlamaForCausalLM::from_pretrained(&dir)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("config.json") && e.contains("not found"), "{e}");
+    let cfg = r#"{"model_type": "llama", "vocab_size": 16, "hidden_size": 8,
+        "intermediate_size": 12, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}"#;
+    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    let e = LlamaForCausalLM::from_pretrained(&dir)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("config.json: field `rope_scaling`") && e.contains("\"yarn\""),
+        "{e}"
+    );
+    std::fs::write(dir.join("config.json"), cfg.replace("yarn", "linear")).unwrap();
+    let e = LlamaForCausalLM::from_pretrained(&dir)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.safetensors") && e.contains("not found"),
+        "{e}"
+    );
+    // A checkpoint missing a tensor, or with an extra one, names it.
+    let config = kiln_models::LlamaConfig::from_hf(
+        &kiln_models::HfConfig::from_file(dir.join("config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        config.rope_scaling,
+        Some(kiln_models::RopeScaling::Linear { factor: 2.0 })
+    );
+    let model = LlamaForCausalLM::new(config.clone(), &mut kiln_core::Rng::new(1));
+    let full = model.hf_state_dict();
+    let mut sd = kiln_nn::StateDict::new();
+    for (k, t) in full.iter().filter(|(k, _)| *k != "model.norm.weight") {
+        sd.insert(k, t.clone());
+    }
+    let p = dir.join("model.safetensors");
+    let e = LlamaForCausalLM::from_hf_state_dict(config.clone(), &sd, &p)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`model.norm.weight` is missing"), "{e}");
+    let mut sd = full.clone();
+    sd.insert("extra.weight", Tensor::zeros([2]));
+    let e = LlamaForCausalLM::from_hf_state_dict(config, &sd, &p)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("1 unexpected tensors: extra.weight"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn random_untied_model_round_trips_through_a_directory() {
+    let config = kiln_models::LlamaConfig::from_hf(
+        &kiln_models::HfConfig::from_json_str(
+            r#"{"vocab_size": 32, "hidden_size": 16, "intermediate_size": 24,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "rope_theta": 500000.0, "tie_word_embeddings": false,
+                "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}"#,
+            "<test>",
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let model = LlamaForCausalLM::new(config, &mut kiln_core::Rng::new(7));
+    let dir = std::env::temp_dir().join(format!("kiln-llama-untied-{}", std::process::id()));
+    model.save_pretrained(&dir).unwrap();
+    assert!(!dir.join("tokenizer.json").exists());
+    let back = LlamaForCausalLM::from_pretrained(&dir).unwrap();
+    assert_eq!(back.config, model.config);
+    assert!(back.lm_head.is_some() && back.tokenizer.is_none());
+    let ids = [3u32, 1, 4, 1, 5, 9, 2, 6];
+    let d = max_abs_diff(&logits(&back, &ids), &logits(&model, &ids));
+    assert_eq!(d, 0.0, "reloaded logits differ by {d}");
+    std::fs::remove_dir_all(&dir).ok();
+}
