@@ -1095,9 +1095,8 @@ impl LlamaForCausalLM {
             .iter()
             .map(|(k, _)| k)
             .filter(|k| {
-                !used.contains(*k)
-                    && !k.ends_with("rotary_emb.inv_freq")
-                    && !(c.tie_word_embeddings && *k == "lm_head.weight")
+                let tied_head = c.tie_word_embeddings && *k == "lm_head.weight";
+                !(used.contains(*k) || k.ends_with("rotary_emb.inv_freq") || tied_head)
             })
             .collect();
         if !unexpected.is_empty() {
