@@ -97,7 +97,9 @@ fn glyph(c: char) -> [u8; 5] {
 }
 
 fn fmt_num(v: f64) -> String {
-    if v != 0.0 && (v.abs() < 1e-2 || v.abs() >= 1e4) {
+    if v.fract() == 0.0 && v.abs() < 1e6 {
+        format!("{v:.0}")
+    } else if v != 0.0 && (v.abs() < 1e-2 || v.abs() >= 1e4) {
         format!("{v:.1e}")
     } else {
         format!("{v:.3}")
