@@ -474,7 +474,7 @@ def ensure_llama_cpp():
     return python
 
 
-def run_measured(cmd, threads, env=None):
+def llm_run_measured(cmd, threads, env=None):
     """Runs cmd in its own process with `threads` threads everywhere; returns its last JSON
     line with the process's peak RSS (MiB, from wait4) added."""
     env = dict(env or os.environ)
@@ -602,14 +602,14 @@ def run_llm_suite(args):
     results = []
     for t in args.threads:
         for weights in ["q8", "quant"]:
-            r = run_measured([kiln_bin, "--gguf", gguf, "--weights", weights, "--threads", t,
+            r = llm_run_measured([kiln_bin, "--gguf", gguf, "--weights", weights, "--threads", t,
                               "--prompt-tokens", args.prompt_tokens, "--new-tokens",
                               args.new_tokens, "--reps", args.llm_reps], t)
             r["side"] = f"kiln ({'q8' if weights == 'q8' else 'f32'} act)"
             results.append(r)
-        results.append(run_measured([sys.executable, me, "--llm-worker", "torch", "--threads",
+        results.append(llm_run_measured([sys.executable, me, "--llm-worker", "torch", "--threads",
                                      str(t), *common], t, worker_env))
-        results.append(run_measured([llama_python, me, "--llm-worker", "llama.cpp",
+        results.append(llm_run_measured([llama_python, me, "--llm-worker", "llama.cpp",
                                      "--threads", str(t), *common], t, worker_env))
     print(llm_table(results))
     versions = sorted({r["version"] for r in results if "version" in r})
