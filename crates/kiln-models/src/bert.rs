@@ -765,6 +765,25 @@ impl BertModel {
         &self.config
     }
 
+    /// Checks the inputs and returns the embedding output with the additive attention mask.
+    fn embed(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        token_type_ids: Option<&Tensor>,
+    ) -> (Tensor, Option<Tensor>) {
+        check_ids(
+            "BertModel",
+            &self.config,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+        );
+        let x = self.embeddings.forward(input_ids, token_type_ids);
+        let mask = attention_mask.map(|m| additive_mask(m, x.dtype()));
+        (x, mask)
+    }
+
     /// Runs the model on `input_ids [B, L]` (integer), with an optional `attention_mask
     /// [B, L]` (1 = real token, 0 = padding; integer or float) and `token_type_ids [B, L]`
     /// (default all 0). Dropout is active only in training mode.
@@ -774,15 +793,7 @@ impl BertModel {
         attention_mask: Option<&Tensor>,
         token_type_ids: Option<&Tensor>,
     ) -> BertOutput {
-        check_ids(
-            "BertModel",
-            &self.config,
-            input_ids,
-            attention_mask,
-            token_type_ids,
-        );
-        let mut x = self.embeddings.forward(input_ids, token_type_ids);
-        let mask = attention_mask.map(|m| additive_mask(m, x.dtype()));
+        let (mut x, mask) = self.embed(input_ids, attention_mask, token_type_ids);
         for layer in &self.encoder.layer {
             x = layer.forward(&x, mask.as_ref());
         }
@@ -803,19 +814,11 @@ impl BertModel {
         attention_mask: Option<&Tensor>,
         token_type_ids: Option<&Tensor>,
     ) -> Tensor {
-        check_ids(
-            "BertModel",
-            &self.config,
-            input_ids,
-            attention_mask,
-            token_type_ids,
-        );
         let pooler = self
             .pooler
             .as_ref()
             .expect("BertModel::pooled: the model has no pooler");
-        let mut x = self.embeddings.forward(input_ids, token_type_ids);
-        let mask = attention_mask.map(|m| additive_mask(m, x.dtype()));
+        let (mut x, mask) = self.embed(input_ids, attention_mask, token_type_ids);
         let layers = &self.encoder.layer;
         if let Some((last, rest)) = layers.split_last() {
             for layer in rest {

@@ -20,21 +20,8 @@ pub fn load_safetensors(path: &Path) -> Result<StateDict, ModelError> {
         })
 }
 
-/// The repository root: the first ancestor holding `scripts/fetch_models.sh`, searched from the
-/// running package's `CARGO_MANIFEST_DIR`, this crate's directory, then the current directory.
-pub fn repo_root() -> Option<PathBuf> {
-    let starts = [
-        std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from),
-        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
-        std::env::current_dir().ok(),
-    ];
-    starts.into_iter().flatten().find_map(|start| {
-        start
-            .ancestors()
-            .find(|d| d.join(FETCH_SCRIPT).is_file())
-            .map(Path::to_path_buf)
-    })
-}
+/// The repository root (the directory holding `scripts/`), as kiln-data finds it.
+pub use kiln_data::datasets::repo_root;
 
 /// The model cache: `$KILN_MODEL_DIR` when set, else `.cache/models` under the repository root
 /// (or the current directory when no root is found).
