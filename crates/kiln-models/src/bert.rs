@@ -52,6 +52,39 @@ impl HiddenAct {
     }
 }
 
+/// What the sequence-classification head reads: the `[CLS]` position (BERT's pooler, as
+/// Hugging Face's `BertForSequenceClassification`) or the mean of the last hidden states over
+/// real tokens (as sentence-transformers models such as all-MiniLM-L6-v2 were trained to be
+/// read), then the pooler's dense + tanh. Saved as `"classifier_pooling"` in config.json.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClassifierPooling {
+    /// The first (`[CLS]`) position (default; Hugging Face's behaviour).
+    #[default]
+    Cls,
+    /// The mean over real tokens.
+    Mean,
+}
+
+impl ClassifierPooling {
+    /// The config.json spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClassifierPooling::Cls => "cls",
+            ClassifierPooling::Mean => "mean",
+        }
+    }
+
+    /// Parses the config.json spelling (`cls` or `mean`).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "cls" => Some(ClassifierPooling::Cls),
+            "mean" => Some(ClassifierPooling::Mean),
+            _ => None,
+        }
+    }
+}
+
 /// A BERT configuration (HF's `BertConfig`); defaults are bert-base-uncased's, as in HF.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BertConfig {
@@ -83,6 +116,8 @@ pub struct BertConfig {
     pub pad_token_id: Option<usize>,
     /// Dropout before the classifier heads (`None`: `hidden_dropout_prob`).
     pub classifier_dropout: Option<f64>,
+    /// What the sequence-classification head reads (default `[CLS]`).
+    pub classifier_pooling: ClassifierPooling,
     /// Class names of the heads, by index (`id2label`); their number is `num_labels`.
     pub labels: Vec<String>,
     /// Other config.json fields, kept as they are for [`BertConfig::to_json`].
@@ -106,6 +141,7 @@ impl Default for BertConfig {
             layer_norm_eps: 1e-12,
             pad_token_id: Some(0),
             classifier_dropout: None,
+            classifier_pooling: ClassifierPooling::Cls,
             labels: default_labels(2),
             extra: Map::new(),
         }
@@ -128,6 +164,7 @@ const KNOWN_FIELDS: &[&str] = &[
     "layer_norm_eps",
     "pad_token_id",
     "classifier_dropout",
+    "classifier_pooling",
     "position_embedding_type",
     "model_type",
     "architectures",
@@ -223,6 +260,13 @@ impl BertConfig {
             Some(Value::Null) => None,
             _ => Some(c.get_or("pad_token_id", 0usize)?),
         };
+        let pooling: String = c.get_or("classifier_pooling", "cls".to_string())?;
+        let classifier_pooling = ClassifierPooling::parse(&pooling).ok_or_else(|| {
+            c.field_error(
+                "classifier_pooling",
+                format!("\"{pooling}\" is not supported (use \"cls\" or \"mean\")"),
+            )
+        })?;
         let cfg = BertConfig {
             vocab_size: c.get_or("vocab_size", d.vocab_size)?,
             hidden_size: c.get_or("hidden_size", d.hidden_size)?,
@@ -242,6 +286,7 @@ impl BertConfig {
             layer_norm_eps: c.get_or("layer_norm_eps", d.layer_norm_eps)?,
             pad_token_id,
             classifier_dropout: c.opt("classifier_dropout")?,
+            classifier_pooling,
             labels: c.labels()?,
             extra: c
                 .map()
@@ -347,6 +392,12 @@ impl BertConfig {
         put("layer_norm_eps", Value::from(self.layer_norm_eps));
         put("pad_token_id", Value::from(self.pad_token_id));
         put("classifier_dropout", Value::from(self.classifier_dropout));
+        if self.classifier_pooling != ClassifierPooling::Cls {
+            put(
+                "classifier_pooling",
+                Value::from(self.classifier_pooling.as_str()),
+            );
+        }
         put("position_embedding_type", Value::from("absolute"));
         let (i2l, l2i) = labels_json(&self.labels);
         put("id2label", i2l);
@@ -1010,7 +1061,15 @@ impl BertForSequenceClassification {
         attention_mask: Option<&Tensor>,
         token_type_ids: Option<&Tensor>,
     ) -> Tensor {
-        let pooled = self.bert.pooled(input_ids, attention_mask, token_type_ids);
+        let pooled = match self.config().classifier_pooling {
+            ClassifierPooling::Cls => self.bert.pooled(input_ids, attention_mask, token_type_ids),
+            ClassifierPooling::Mean => {
+                let out = self.bert.forward(input_ids, attention_mask, token_type_ids);
+                let mean = mean_pooling(&out.last_hidden_state, attention_mask);
+                let pooler = self.bert.pooler.as_ref().expect("the classifier has a pooler");
+                pooler.forward(&mean.unsqueeze(1))
+            }
+        };
         self.classifier.forward(&self.dropout.forward(&pooled))
     }
 }
@@ -1042,6 +1101,8 @@ pub struct LoadOptions {
     pub seed: u64,
     /// Class names replacing the config's (e.g. a new classifier with another label count).
     pub labels: Option<Vec<String>>,
+    /// Pooling of a sequence-classification head replacing the config's.
+    pub classifier_pooling: Option<ClassifierPooling>,
 }
 
 impl LoadOptions {
@@ -1069,6 +1130,12 @@ impl LoadOptions {
         self
     }
 
+    /// Sets what a sequence-classification head reads.
+    pub fn classifier_pooling(mut self, pooling: ClassifierPooling) -> Self {
+        self.classifier_pooling = Some(pooling);
+        self
+    }
+
     fn config(&self, dir: &Path) -> Result<BertConfig, ModelError> {
         let path = dir.join("config.json");
         let mut config = BertConfig::from_file(&path)?;
@@ -1081,6 +1148,9 @@ impl LoadOptions {
                 });
             }
             config.labels = labels.clone();
+        }
+        if let Some(p) = self.classifier_pooling {
+            config.classifier_pooling = p;
         }
         Ok(config)
     }
@@ -1316,6 +1386,38 @@ mod tests {
             err(r#"{"vocab_size": 0}"#),
             "m/config.json: field `vocab_size`: must be positive, got 0"
         );
+        assert_eq!(
+            err(r#"{"classifier_pooling": "max"}"#),
+            "m/config.json: field `classifier_pooling`: \"max\" is not supported (use \"cls\" or \"mean\")"
+        );
+    }
+
+    #[test]
+    fn mean_pooling_classifier_reads_the_masked_mean_and_round_trips() {
+        let mut config = tiny();
+        config.classifier_pooling = ClassifierPooling::Mean;
+        let m = BertForSequenceClassification::new(&config, &mut Rng::new(3));
+        m.eval();
+        // Padding does not move the logits: the mean is over real tokens only.
+        let alone = m.forward(&ids(&[&[2, 5, 7]]), None, None);
+        let batch = ids(&[&[2, 5, 7, 0, 0], &[3, 4, 5, 6, 1]]);
+        let mask = ids(&[&[1, 1, 1, 0, 0], &[1, 1, 1, 1, 1]]);
+        let logits = m.forward(&batch, Some(&mask), None);
+        assert!(max_abs_diff(&logits.narrow(0, 0, 1), &alone) < 1e-5);
+        // It is the pooler's dense + tanh on the masked mean, then the classifier.
+        let hidden = m.bert.forward(&batch, Some(&mask), None).last_hidden_state;
+        let mean = mean_pooling(&hidden, Some(&mask));
+        let dense = m.bert.pooler.as_ref().unwrap().dense.forward(&mean).tanh();
+        assert!(max_abs_diff(&m.classifier.forward(&dense), &logits) < 1e-6);
+        // ...which differs from reading [CLS] with the same weights.
+        let cls = m.bert.pooled(&batch, Some(&mask), None);
+        assert!(max_abs_diff(&m.classifier.forward(&cls), &logits) > 1e-4);
+        // Saved in config.json and read back; the default stays out of the file.
+        let json = config.to_json_value(None);
+        assert_eq!(json["classifier_pooling"], "mean");
+        let back = BertConfig::from_json_str(&json.to_string(), "c").unwrap();
+        assert_eq!(back.classifier_pooling, ClassifierPooling::Mean);
+        assert!(tiny().to_json_value(None).get("classifier_pooling").is_none());
     }
 
     #[test]

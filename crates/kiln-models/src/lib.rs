@@ -22,7 +22,7 @@ pub mod llama;
 pub mod remap;
 
 pub use bert::{
-    l2_normalize, mean_pooling, BertConfig, BertForSequenceClassification,
+    l2_normalize, mean_pooling, BertConfig, BertForSequenceClassification, ClassifierPooling,
     BertForTokenClassification, BertModel, BertOutput, HiddenAct, LoadOptions,
 };
 pub use config::HfConfig;

@@ -5,6 +5,7 @@
 //! ```toml
 //! model = ".cache/models/all-MiniLM-L6-v2"
 //! out = "out/sentiment"
+//! pooling = "mean"           # what the head reads: "cls" (default) or "mean"
 //!
 //! [data]
 //! train = "reviews.csv"      # .csv, .tsv or .jsonl
@@ -26,7 +27,7 @@ use crate::error::{Result, TuneError};
 use crate::strategy::Strategy;
 use crate::trainer::{evaluate, TrainConfig, TrainReport, Trainer};
 use kiln_data::Tokenizer;
-use kiln_models::{BertForSequenceClassification, LoadOptions};
+use kiln_models::{BertForSequenceClassification, ClassifierPooling, LoadOptions};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -123,6 +124,10 @@ pub struct Recipe {
     pub out: PathBuf,
     /// The data.
     pub data: DataSpec,
+    /// What the classification head reads: `cls` (default, as Hugging Face's BERT) or `mean`
+    /// (the masked mean of the last layer, as sentence-transformers models are trained).
+    #[serde(default)]
+    pub pooling: Option<ClassifierPooling>,
     /// The strategy (`type` plus its keys; default full fine-tuning).
     #[serde(default)]
     pub strategy: toml::Table,
@@ -155,6 +160,7 @@ impl Recipe {
             model: model.into(),
             out: out.into(),
             data,
+            pooling: None,
             strategy: toml::Table::new(),
             train: TrainConfig::default(),
         }
@@ -220,9 +226,12 @@ impl Recipe {
         let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
         let (train, valid) = self.data.load()?;
         let labels = train.classes().to_vec();
-        let opts = LoadOptions::default()
+        let mut opts = LoadOptions::default()
             .labels(labels.clone())
             .seed(self.train.seed);
+        if let Some(p) = self.pooling {
+            opts = opts.classifier_pooling(p);
+        }
         let (model, _) = BertForSequenceClassification::from_pretrained_with(&self.model, &opts)?;
         std::fs::create_dir_all(&self.out).map_err(|e| TuneError::io(&self.out, e))?;
         let mut cfg = self.train.clone();

@@ -58,6 +58,12 @@ pub fn finetune_command() -> Command {
         .arg(num::<usize>("limit", "train on only the first N training rows"))
         .arg(path_arg("out", "directory for the fine-tuned model, metrics.jsonl and curves.png"))
         .arg(
+            Arg::new("pooling")
+                .long("pooling")
+                .value_parser(["cls", "mean"])
+                .help("what the classification head reads: the [CLS] position (default) or the mean over tokens"),
+        )
+        .arg(
             Arg::new("strategy")
                 .long("strategy")
                 .help("full, linear_probe, bitfit, lora, or a registered method (default full)"),
@@ -165,6 +171,9 @@ pub fn run_finetune(m: &ArgMatches) -> Result<(), Error> {
     }
     if let Some(p) = get::<PathBuf>(m, "out") {
         recipe.out = p;
+    }
+    if let Some(v) = get::<String>(m, "pooling") {
+        recipe.pooling = kiln::models::ClassifierPooling::parse(&v);
     }
     let d = &mut recipe.data;
     if let Some(p) = get::<PathBuf>(m, "data") {
