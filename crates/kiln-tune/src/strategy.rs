@@ -6,7 +6,7 @@
 //! `classifier.*`, `bert.pooler.*`), depth 1 the last layer of the stack (`…layer.5.…`), …,
 //! depth L the first layer, and depth L + 1 the embeddings. Layer-wise LR decay multiplies the
 //! learning rate of depth d by `decay^d`; gradual unfreezing trains depth 0 first and unfreezes
-//! one more depth every `every` epochs (ULMFiT).
+//! one more depth every `every` epochs, or every `every` optimizer steps (ULMFiT).
 //!
 //! ```
 //! use kiln_tune::Strategy;
@@ -61,6 +61,10 @@ pub struct Strategy {
     /// Gradual unfreezing: one more depth group every this many epochs.
     #[serde(default)]
     pub unfreeze_every: Option<usize>,
+    /// Gradual unfreezing by optimizer steps: one more depth group every this many steps
+    /// (exclusive with `unfreeze_every`).
+    #[serde(default)]
+    pub unfreeze_every_steps: Option<usize>,
     /// Also freeze the embeddings (depth L + 1).
     #[serde(default)]
     pub freeze_embeddings: bool,
@@ -80,6 +84,7 @@ impl Strategy {
             freeze_layers: None,
             llrd: None,
             unfreeze_every: None,
+            unfreeze_every_steps: None,
             freeze_embeddings: false,
         }
     }
@@ -134,6 +139,13 @@ impl Strategy {
     /// Gradual unfreezing: the head first, one more depth every `every` epochs.
     pub fn gradual_unfreeze(mut self, every: usize) -> Self {
         self.unfreeze_every = Some(every);
+        self
+    }
+
+    /// Gradual unfreezing by optimizer steps: the head first, one more depth every `every`
+    /// steps (exclusive with [`Strategy::gradual_unfreeze`]).
+    pub fn gradual_unfreeze_steps(mut self, every: usize) -> Self {
+        self.unfreeze_every_steps = Some(every);
         self
     }
 
@@ -199,6 +211,14 @@ impl Strategy {
                             as usize,
                     )
                 }
+                "unfreeze_every_steps" => {
+                    s.unfreeze_every_steps = Some(
+                        v.as_integer()
+                            .filter(|&n| n > 0)
+                            .ok_or_else(|| bad("expected a positive integer"))?
+                            as usize,
+                    )
+                }
                 "freeze_embeddings" => {
                     s.freeze_embeddings = v.as_bool().ok_or_else(|| bad("expected true/false"))?
                 }
@@ -222,6 +242,21 @@ impl Strategy {
         if self.unfreeze_every == Some(0) {
             return Err(TuneError::config("unfreeze_every", "must be at least 1"));
         }
+        if self.unfreeze_every_steps == Some(0) {
+            return Err(TuneError::config(
+                "unfreeze_every_steps",
+                "must be at least 1",
+            ));
+        }
+        if let (Some(e), Some(n)) = (self.unfreeze_every, self.unfreeze_every_steps) {
+            return Err(TuneError::config(
+                "strategy.unfreeze_every_steps",
+                format!(
+                    "gradual unfreezing is either by epochs or by steps: got unfreeze_every = {e} \
+                     and unfreeze_every_steps = {n}; set only one"
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -239,11 +274,14 @@ impl Strategy {
         if let Some(e) = self.unfreeze_every {
             s.push_str(&format!(" + gradual unfreezing every {e} epoch(s)"));
         }
+        if let Some(n) = self.unfreeze_every_steps {
+            s.push_str(&format!(" + gradual unfreezing every {n} step(s)"));
+        }
         s
     }
 
     /// Resolves the strategy on `model`: applies an adapter method, and sorts every parameter
-    /// into its depth group with its LR multiplier and the epoch it starts training.
+    /// into its depth group with its LR multiplier and the epoch (or step) it starts training.
     pub fn plan<M: Module>(&self, model: &M) -> Result<Plan> {
         self.validate()?;
         if let Method::Adapter { name, args } = &self.method {
@@ -304,6 +342,10 @@ impl Strategy {
                 Some(every) => depth * every,
                 None => 0,
             };
+            let start_step = match self.unfreeze_every_steps {
+                Some(every) => depth * every,
+                None => 0,
+            };
             let lr_scale = self.llrd.map_or(1.0, |d| d.powi(depth as i32));
             params.push(PlannedParam {
                 name,
@@ -311,6 +353,7 @@ impl Strategy {
                 depth,
                 trains,
                 start_epoch,
+                start_step,
                 lr_scale,
             });
         }
@@ -322,15 +365,17 @@ impl Strategy {
         }
         let plan = Plan { params, layers };
         plan.set_epoch(0);
+        plan.set_step(0);
         Ok(plan)
     }
 }
 
-const STRATEGY_KEYS: [&str; 5] = [
+const STRATEGY_KEYS: [&str; 6] = [
     "freeze",
     "freeze_layers",
     "llrd",
     "unfreeze_every",
+    "unfreeze_every_steps",
     "freeze_embeddings",
 ];
 
@@ -388,6 +433,9 @@ pub struct PlannedParam {
     pub trains: bool,
     /// The first epoch (0-based) in which it trains.
     pub start_epoch: usize,
+    /// The optimizer step (0-based) from which it trains (gradual unfreezing by steps; 0
+    /// otherwise).
+    pub start_step: usize,
     /// Multiplier of the base learning rate.
     pub lr_scale: f64,
 }
@@ -424,6 +472,22 @@ impl Plan {
             let on = p.trains && epoch >= p.start_epoch;
             p.param.tensor().set_requires_grad(on);
             n += on as usize;
+        }
+        n
+    }
+
+    /// Sets which parameters record gradients from optimizer step `step` on (gradual unfreezing
+    /// by steps): call it at every step boundary, after [`Plan::set_epoch`]. Without unfreezing
+    /// by steps it changes nothing. Returns how many tensors train.
+    pub fn set_step(&self, step: usize) -> usize {
+        let by_steps = self.params.iter().any(|p| p.start_step > 0);
+        let mut n = 0;
+        for p in &self.params {
+            if by_steps {
+                let on = p.trains && step >= p.start_step;
+                p.param.tensor().set_requires_grad(on);
+            }
+            n += p.param.is_trainable() as usize;
         }
         n
     }
@@ -542,6 +606,65 @@ mod tests {
         logits.sum_all().backward();
         assert!(m.classifier.weight.grad().is_some());
         assert!(m.bert.encoder.layer[0].output.dense.weight.grad().is_none());
+    }
+
+    #[test]
+    fn gradual_unfreezing_by_steps_opens_one_depth_per_period() {
+        let m = tiny();
+        let plan = Strategy::full().gradual_unfreeze_steps(3).plan(&m).unwrap();
+        let on = |n: &str| {
+            m.named_parameters()
+                .into_iter()
+                .find(|(k, _)| k == n)
+                .unwrap()
+                .1
+                .tracks_grad()
+        };
+        let head = "classifier.weight";
+        let last = "bert.encoder.layer.2.output.dense.weight";
+        let first = "bert.encoder.layer.0.output.dense.weight";
+        let embed = "bert.embeddings.word_embeddings.weight";
+        assert!(on(head) && !on(last) && !on(first) && !on(embed));
+        // The epoch boundary changes nothing by itself when unfreezing goes by steps.
+        plan.set_epoch(5);
+        plan.set_step(2);
+        assert!(on(head) && !on(last));
+        plan.set_step(3);
+        assert!(on(head) && on(last) && !on("bert.encoder.layer.1.output.dense.weight"));
+        plan.set_step(9);
+        assert!(on(first) && !on(embed));
+        assert_eq!(plan.set_step(12), plan.params.len());
+        assert!(on(embed));
+        // Going back (a resumed run) freezes again.
+        assert!(plan.set_step(0) < plan.params.len());
+        assert!(!on(last));
+    }
+
+    #[test]
+    fn unfreezing_by_epochs_and_by_steps_are_exclusive() {
+        let m = tiny();
+        let e = Strategy::full()
+            .gradual_unfreeze(1)
+            .gradual_unfreeze_steps(10)
+            .plan(&m)
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("unfreeze_every = 1") && msg.contains("unfreeze_every_steps = 10"),
+            "{msg}"
+        );
+        let t: toml::Table =
+            toml::from_str("type = \"full\"\nunfreeze_every = 2\nunfreeze_every_steps = 5").unwrap();
+        let e = Strategy::from_toml(t).unwrap_err();
+        assert!(e.to_string().contains("either by epochs or by steps"), "{e}");
+        let t: toml::Table = toml::from_str("unfreeze_every_steps = 0").unwrap();
+        let e = Strategy::from_toml(t).unwrap_err();
+        assert!(e.to_string().contains("strategy.unfreeze_every_steps"), "{e}");
+        let t: toml::Table = toml::from_str("unfreeze_every_steps = 50").unwrap();
+        assert_eq!(
+            Strategy::from_toml(t).unwrap(),
+            Strategy::full().gradual_unfreeze_steps(50)
+        );
     }
 
     #[test]

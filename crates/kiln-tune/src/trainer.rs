@@ -414,6 +414,7 @@ impl Trainer {
 
         'epochs: while st.epoch < epochs && st.step < total_steps {
             plan.set_epoch(st.epoch);
+            plan.set_step(st.step);
             let order = permutation(
                 train.len(),
                 cfg.seed ^ (st.epoch as u64).wrapping_mul(0x9E37_79B9),
@@ -468,6 +469,7 @@ impl Trainer {
                 opt.step();
                 opt.zero_grad();
                 st.step += 1;
+                plan.set_step(st.step);
                 let mean_loss = window_loss / windows[window] as f64;
                 window_loss = 0.0;
                 let lr = cfg.lr * factor;

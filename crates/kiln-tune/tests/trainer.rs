@@ -256,3 +256,109 @@ fn bad_configurations_are_errors_naming_the_field() {
         .unwrap_err();
     assert!(e.to_string().contains("validation labels"), "{e}");
 }
+
+/// Names of the tensors that differ between two weight snapshots.
+fn changed(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> Vec<String> {
+    a.iter()
+        .zip(b)
+        .filter(|((_, va), (_, vb))| va != vb)
+        .map(|((n, _), _)| n.clone())
+        .collect()
+}
+
+#[test]
+fn gradual_unfreezing_by_steps_trains_one_more_depth_every_n_steps() {
+    let tok = tokenizer();
+    let data = dataset(40, 6);
+    // 40 rows in batches of 8: 5 steps per epoch, so the depth boundaries (every 2 steps) fall
+    // inside epochs and one crosses the epoch boundary.
+    let run = |steps: usize| {
+        let m = model(0.0, 11);
+        let before = weights(&m);
+        let report = Trainer::new(quiet(TrainConfig {
+            epochs: 3,
+            max_steps: Some(steps),
+            batch_size: 8,
+            lr: 1e-3,
+            ..TrainConfig::default()
+        }))
+        .strategy(Strategy::full().gradual_unfreeze_steps(2))
+        .fit(&m, &tok, &data, None)
+        .unwrap();
+        assert_eq!(report.steps, steps);
+        changed(&before, &weights(&m))
+    };
+    let depth_of = |n: &str| {
+        if n.contains("embeddings") {
+            3
+        } else if n.contains("layer.0.") {
+            2
+        } else if n.contains("layer.1.") {
+            1
+        } else {
+            0
+        }
+    };
+    let all: Vec<String> = model(0.0, 11)
+        .named_parameters()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    // Steps 0-1 train the head, steps 2-3 also the last layer, steps 4-5 also the first layer;
+    // the embeddings (depth 3) would start at step 6.
+    for (steps, depths) in [(2, 1), (4, 2), (6, 3)] {
+        let expected: Vec<String> = all
+            .iter()
+            .filter(|n| depth_of(n) < depths)
+            .cloned()
+            .collect();
+        assert_eq!(run(steps), expected, "after {steps} steps");
+    }
+}
+
+#[test]
+fn resume_restores_the_frozen_set_of_step_unfreezing() {
+    let tok = tokenizer();
+    let data = dataset(40, 2);
+    let (train, valid) = data.split(0.25, 0).unwrap();
+    let strategy = || Strategy::full().gradual_unfreeze_steps(2).llrd(0.9);
+    let cfg = |dir: PathBuf| {
+        quiet(TrainConfig {
+            epochs: 2,
+            batch_size: 8,
+            lr: 1e-3,
+            checkpoint_every: Some(1),
+            out_dir: Some(dir),
+            // The final weights, not the best evaluation's (checked below).
+            restore_best: false,
+            ..TrainConfig::default()
+        })
+    };
+    let whole = model(0.1, 5);
+    let dir_a = temp_dir("steps-whole");
+    Trainer::new(cfg(dir_a))
+        .strategy(strategy())
+        .fit(&whole, &tok, &train, Some(&valid))
+        .unwrap();
+    // Killed after step 3: in the middle of depth period 1 and of epoch 1.
+    let dir_b = temp_dir("steps-resumed");
+    let first = model(0.1, 5);
+    Trainer::new(cfg(dir_b.clone()))
+        .strategy(strategy())
+        .stop_after_steps(3)
+        .fit(&first, &tok, &train, Some(&valid))
+        .unwrap_err();
+    let second = model(0.1, 5);
+    let report = Trainer::new(cfg(dir_b))
+        .strategy(strategy())
+        .fit(&second, &tok, &train, Some(&valid))
+        .unwrap();
+    assert_eq!(report.steps, 8);
+    let d = max_diff(&weights(&whole), &weights(&second));
+    assert_eq!(d, 0.0, "resumed run differs by {d}");
+    // The embeddings (depth 3, from step 6) trained in the last two steps of both runs.
+    let untouched = weights(&model(0.1, 5));
+    assert!(changed(&untouched, &weights(&second))
+        .iter()
+        .any(|n| n.contains("embeddings")));
+}

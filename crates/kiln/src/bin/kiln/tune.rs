@@ -79,6 +79,13 @@ pub fn finetune_command() -> Command {
         .arg(num::<f64>("llrd", "layer-wise learning-rate decay factor, e.g. 0.9"))
         .arg(num::<i64>("unfreeze-every", "gradual unfreezing: one more layer group every N epochs"))
         .arg(
+            num::<i64>(
+                "unfreeze-every-steps",
+                "gradual unfreezing: one more layer group every N optimizer steps",
+            )
+            .conflicts_with("unfreeze-every"),
+        )
+        .arg(
             Arg::new("freeze")
                 .long("freeze")
                 .action(ArgAction::Append)
@@ -219,6 +226,11 @@ pub fn run_finetune(m: &ArgMatches) -> Result<(), Error> {
     }
     if let Some(v) = get::<i64>(m, "unfreeze-every") {
         s.insert("unfreeze_every".into(), toml::Value::Integer(v));
+        s.remove("unfreeze_every_steps");
+    }
+    if let Some(v) = get::<i64>(m, "unfreeze-every-steps") {
+        s.insert("unfreeze_every_steps".into(), toml::Value::Integer(v));
+        s.remove("unfreeze_every");
     }
     if let Some(v) = m.get_many::<String>("freeze") {
         let list = v.map(|t| toml::Value::String(t.clone())).collect();
