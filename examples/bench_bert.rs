@@ -12,13 +12,16 @@
 //!   (`sent_per_s` = 32 / median);
 //! - `minilm_fwd_b1_s16`: the same for one sentence of 16 tokens (latency);
 //! - `minilm_train_step_b16_s128`: one full fine-tuning step in train mode (dropout on):
-//!   forward, cross-entropy, backward, AdamW step (lr 2e-5), zero_grad.
+//!   forward, cross-entropy, backward, AdamW step (lr 2e-5), zero_grad;
+//! - `minilm_lora_step_b16_s128`: the same step with LoRA (r 8, alpha 16, on query and value;
+//!   the classifier trains too, everything else is frozen), AdamW on the trainable parameters.
 //!
 //! Each is warmed up, then timed `reps` times; the median is reported.
 
 use kiln::core::parallel::{max_threads, set_num_threads};
 use kiln::models::bert::{BertForSequenceClassification, LoadOptions};
 use kiln::prelude::*;
+use kiln::tune::lora::{apply_lora, LoraConfig};
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -123,13 +126,30 @@ fn main() {
         }
     }
 
-    let name = "minilm_train_step_b16_s128";
-    if wanted(name) {
+    // Full fine-tuning, then LoRA (r 8, alpha 16 on query/value, the classifier trained too),
+    // both with AdamW on the trainable parameters. LoRA comes last: it freezes the base model.
+    for name in ["minilm_train_step_b16_s128", "minilm_lora_step_b16_s128"] {
+        if !wanted(name) {
+            continue;
+        }
+        if name.contains("lora") {
+            let config = LoraConfig::default()
+                .r(8)
+                .alpha(16.0)
+                .target_modules(["query", "value"])
+                .modules_to_save(["classifier"]);
+            apply_lora(&model, &config).expect("bench_bert: LoRA");
+        }
         model.train();
         let (b, l) = (16, 128);
         let x = ids(b, l);
         let y = Tensor::from_vec((0..b).map(|i| (i % 2) as i64).collect(), [b]);
-        let mut opt = AdamW::new(model.named_parameters(), 2e-5).expect("bench_bert: AdamW");
+        let trainable: Vec<_> = model
+            .named_parameters()
+            .into_iter()
+            .filter(|(_, p)| p.is_trainable())
+            .collect();
+        let mut opt = AdamW::new(trainable, 2e-5).expect("bench_bert: AdamW");
         for &t in &threads {
             set_num_threads(t);
             let (median_s, min_s) = time(warmup, reps, || {

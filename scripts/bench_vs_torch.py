@@ -8,7 +8,7 @@ Python with torch, in order of preference:
   1. the interpreter running this script, if it can import torch;
   2. $KILN_BENCH_PYTHON (an existing python with torch, e.g. /work/venvs/torch/bin/python);
   3. the virtualenv .venv-bench/ at the repository root (ignored by git), created on first use
-     with torch from PyPI.
+     with torch, transformers and peft from PyPI.
 
 Usage: scripts/bench_vs_torch.py [--suite core|bert] [--reps N] [--rounds R] [--threads 1,2]
                                  [--quick] [--peak-per-core GFLOPS] [--json FILE]
@@ -17,7 +17,8 @@ Usage: scripts/bench_vs_torch.py [--suite core|bert] [--reps N] [--rounds R] [--
 `cargo run --release --example bench_bert` against transformers' BertForSequenceClassification
 (2 labels) loaded from the same directory, with the same token ids, thread counts and f32 weights:
 eval-mode forward under no_grad for [32, 128] (sentences/s) and [1, 16] (latency), and one
-train-mode fine-tuning step [16, 128] (cross-entropy, backward, AdamW lr 2e-5, zero_grad). Each
+train-mode fine-tuning step [16, 128] (cross-entropy, backward, AdamW lr 2e-5, zero_grad), in
+full and with LoRA (r 8, alpha 16 on query/value, classifier trained; peft on the PyTorch side). Each
 workload of each side runs in its own process, whose peak RSS (ru_maxrss from wait4) is reported.
 
        scripts/bench_vs_torch.py --suite llm [--threads 1,2] [--prompt-tokens 128]
@@ -71,7 +72,8 @@ def ensure_torch():
                 [python, "-m", "pip", "install", "--upgrade", "pip"], stdout=sys.stderr
             )
             subprocess.check_call(
-                [python, "-m", "pip", "install", "torch", "numpy"], stdout=sys.stderr
+                [python, "-m", "pip", "install", "torch", "numpy", "transformers", "peft"],
+                stdout=sys.stderr,
             )
     env = dict(os.environ, KILN_BENCH_REEXEC="1")
     os.execve(python, [python, str(Path(__file__).resolve()), *sys.argv[1:]], env)
@@ -203,7 +205,8 @@ def run_torch(args):
     return dict(framework="torch", version=torch.__version__, results=results)
 
 
-BERT_WORKLOADS = ["minilm_fwd_b32_s128", "minilm_fwd_b1_s16", "minilm_train_step_b16_s128"]
+BERT_WORKLOADS = ["minilm_fwd_b32_s128", "minilm_fwd_b1_s16", "minilm_train_step_b16_s128",
+                  "minilm_lora_step_b16_s128"]
 
 
 def minilm_dir():
@@ -297,10 +300,16 @@ def torch_bert_worker(args):
             med, mn = timed(warmup, reps, 1, fwd)
         else:
             b = 16
+            if name == "minilm_lora_step_b16_s128" and not hasattr(model, "peft_config"):
+                from peft import LoraConfig, get_peft_model
+
+                model = get_peft_model(model, LoraConfig(
+                    r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"],
+                    task_type="SEQ_CLS"))
             model.train()
             x = minilm_ids(torch, b, 128)
             y = torch.arange(b) % 2
-            opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
 
             def step():
                 logits = model(input_ids=x).logits
