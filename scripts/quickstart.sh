@@ -8,7 +8,8 @@
 #   4. predict two example sentences.
 #
 # Options go to `kiln finetune` (e.g. scripts/quickstart.sh --strategy lora --rank 8 --epochs 2).
-# KILN_OUT overrides the output directory.
+# KILN_OUT overrides the output directory. KILN_CARGO_PROFILE=test builds kiln with the test
+# profile instead of release (CI: `cargo test` has already built it that way).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,8 +19,12 @@ DATA="${KILN_DATA_DIR:-.cache/data}/rotten_tomatoes/reviews.csv"
 
 scripts/fetch_models.sh minilm
 scripts/fetch_data.sh rotten-tomatoes
-cargo build --release --bin kiln
-KILN=target/release/kiln
+PROFILE="${KILN_CARGO_PROFILE:-release}"
+cargo build --profile "$PROFILE" --bin kiln
+case "$PROFILE" in
+dev | test) KILN=target/debug/kiln ;;
+*) KILN="target/$PROFILE/kiln" ;;
+esac
 
 $KILN finetune --recipe recipes/sentiment.toml --model "$MODEL_DIR" --data "$DATA" --out "$OUT" --fresh "$@"
 # finetune wrote the held-out validation rows of its split next to the model.
