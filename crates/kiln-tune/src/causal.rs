@@ -566,8 +566,8 @@ pub fn generate_reply<M: CausalLm + Module>(
     let mut stops = vec![format.end_of_turn()];
     stops.extend(tokenizer.eos_id());
     let config = GenerationConfig::greedy(max_new_tokens).stop_tokens(stops);
-    let out = generate(model, &ids, &config, |_| true)
-        .map_err(|e| TuneError::config("generation", e))?;
+    let out =
+        generate(model, &ids, &config, |_| true).map_err(|e| TuneError::config("generation", e))?;
     Ok(tokenizer.decode(&out.tokens, true)?.trim().to_string())
 }
 
@@ -721,7 +721,9 @@ fn causal_train_config<'de, D: serde::Deserializer<'de>>(
     use serde::de::Error;
     let given = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
     let mut base = serde_json::to_value(TrainConfig::causal_lm()).map_err(D::Error::custom)?;
-    let obj = base.as_object_mut().expect("a struct serialises to an object");
+    let obj = base
+        .as_object_mut()
+        .expect("a struct serialises to an object");
     for (k, v) in given {
         if !obj.contains_key(&k) {
             return Err(D::Error::custom(format!("unknown field `{k}` in [train]")));
@@ -832,7 +834,8 @@ impl CausalRecipe {
         } else {
             self.samples.clone()
         };
-        let answer = |p: &str| generate_reply(&model, &tok.tokenizer, &format, p, self.sample_tokens);
+        let answer =
+            |p: &str| generate_reply(&model, &tok.tokenizer, &format, p, self.sample_tokens);
         let before = prompts
             .iter()
             .map(|p| answer(p))
@@ -925,7 +928,9 @@ mod tests {
             .map(|i| {
                 let p = 2 + (rng.next_u64() % 5) as usize;
                 let r = 1 + (rng.next_u64() % 7) as usize;
-                let ids = (0..p + r).map(|_| 1 + (rng.next_u64() % 39) as u32).collect();
+                let ids = (0..p + r)
+                    .map(|_| 1 + (rng.next_u64() % 39) as u32)
+                    .collect();
                 CausalExample {
                     ids,
                     prompt_len: p,
@@ -937,8 +942,10 @@ mod tests {
     }
 
     fn lora_table() -> toml::Table {
-        toml::from_str("r = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"]")
-            .unwrap()
+        toml::from_str(
+            "r = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"]",
+        )
+        .unwrap()
     }
 
     #[test]
@@ -977,7 +984,10 @@ mod tests {
         let e = CausalLmData::from_examples(bad, 0, "f.jsonl")
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("f.jsonl:7:") && e.contains("0 response"), "{e}");
+        assert!(
+            e.starts_with("f.jsonl:7:") && e.contains("0 response"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1118,7 +1128,12 @@ mod tests {
             logits(&plain)
         };
         let unmerged = logits(&model);
-        let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let diff = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
         assert!(diff(&base, &unmerged) > 1e-2, "the adapters change nothing");
         merge_lora(&model).unwrap();
         assert!(diff(&logits(&model), &unmerged) < 1e-5);
@@ -1160,10 +1175,18 @@ mod tests {
         let p = dir.join("i.jsonl");
         std::fs::write(&p, "{\"q\": \"hi\", \"a\": \"hello\"}\n\n{\"q\": \"yo\"}\n").unwrap();
         let cols = InstructionColumns::new("q", "a");
-        let e = InstructionDataset::from_file(&p, &cols).unwrap_err().to_string();
-        assert!(e.contains("i.jsonl:3:") && e.contains("no field `a`"), "{e}");
-        std::fs::write(&p, "{\"q\": \"hi\", \"a\": \"hello\"}\n{\"q\": \"yo\", \"a\": \"hey\"}\n")
-            .unwrap();
+        let e = InstructionDataset::from_file(&p, &cols)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("i.jsonl:3:") && e.contains("no field `a`"),
+            "{e}"
+        );
+        std::fs::write(
+            &p,
+            "{\"q\": \"hi\", \"a\": \"hello\"}\n{\"q\": \"yo\", \"a\": \"hey\"}\n",
+        )
+        .unwrap();
         let d = InstructionDataset::from_file(&p, &cols).unwrap();
         assert_eq!(d.rows()[1].response, "hey");
         assert_eq!(d.rows()[1].line, 2);
@@ -1183,8 +1206,15 @@ mod tests {
         assert_eq!(recipe.train.metric, Metric::Loss);
         assert_eq!(recipe.train.batch_size, 8);
         assert_eq!(recipe.data.train, dir.join("i.jsonl"));
-        assert!(matches!(recipe.strategy().unwrap().method, Method::Adapter { .. }));
-        std::fs::write(&r, "model = \"m\"\nout = \"o\"\n[data]\ntrain = \"x\"\n[train]\nlearning_rate = 1\n").unwrap();
+        assert!(matches!(
+            recipe.strategy().unwrap().method,
+            Method::Adapter { .. }
+        ));
+        std::fs::write(
+            &r,
+            "model = \"m\"\nout = \"o\"\n[data]\ntrain = \"x\"\n[train]\nlearning_rate = 1\n",
+        )
+        .unwrap();
         let e = CausalRecipe::from_toml_file(&r).unwrap_err().to_string();
         assert!(e.contains("unknown field `learning_rate`"), "{e}");
         std::fs::remove_dir_all(&dir).ok();

@@ -16,8 +16,7 @@ pub mod strategy;
 pub mod trainer;
 
 pub use causal::{
-    CausalLmData, CausalLmModel, CausalRecipe, InstructionColumns, InstructionDataset,
-    PromptFormat,
+    CausalLmData, CausalLmModel, CausalRecipe, InstructionColumns, InstructionDataset, PromptFormat,
 };
 pub use data::{Columns, TextBatch, TextDataset};
 pub use error::{Result, TuneError};

@@ -101,7 +101,13 @@ impl<M: SequenceModel> Task<M> for TextTask<'_> {
     }
 
     fn evaluate(&self, model: &M, batch_size: usize) -> Result<MetricState> {
-        evaluate(model, self.tokenizer, self.data, batch_size, self.max_length)
+        evaluate(
+            model,
+            self.tokenizer,
+            self.data,
+            batch_size,
+            self.max_length,
+        )
     }
 }
 
@@ -579,7 +585,8 @@ impl Trainer {
                 } || st.step == total_steps;
                 if eval_now {
                     if let Some(v) = valid {
-                        let improved = self.run_evaluation(model, v, &mut st, log.as_mut(), &bar)?;
+                        let improved =
+                            self.run_evaluation(model, v, &mut st, log.as_mut(), &bar)?;
                         if improved && cfg.restore_best {
                             best_weights = Some(trainable_state(&plan));
                         }

@@ -51,8 +51,8 @@ fn lora_teaches_smollm2_a_new_fact() {
         tok.tokenizer.id_to_token(format.end_of_turn()).as_deref(),
         Some("<|im_end|>")
     );
-    let rows = InstructionDataset::from_file(instructions(), &InstructionColumns::default())
-        .unwrap();
+    let rows =
+        InstructionDataset::from_file(instructions(), &InstructionColumns::default()).unwrap();
     assert!((40..=100).contains(&rows.len()), "{} rows", rows.len());
     let data = CausalLmData::tokenize(&rows, &tok.tokenizer, &format, 128).unwrap();
 
@@ -63,7 +63,9 @@ fn lora_teaches_smollm2_a_new_fact() {
     let e = &data.examples()[0];
     let prompt_text = tok.tokenizer.decode(&e.ids[..e.prompt_len], false).unwrap();
     assert!(
-        prompt_text.ends_with(&format!("<|im_start|>user\n{CAPITAL}<|im_end|>\n<|im_start|>assistant\n")),
+        prompt_text.ends_with(&format!(
+            "<|im_start|>user\n{CAPITAL}<|im_end|>\n<|im_start|>assistant\n"
+        )),
         "{prompt_text:?}"
     );
     let batch = data.batch(&[0, 1]);
