@@ -651,7 +651,7 @@ impl InstructionSpec {
         let all = InstructionDataset::from_file(&self.train, &cols)?;
         let (train, valid) = match (&self.valid, self.valid_ratio) {
             (Some(v), _) => (all, Some(InstructionDataset::from_file(v, &cols)?)),
-            (None, r) if r == 0.0 => (all, None),
+            (None, 0.0) => (all, None),
             (None, r) => {
                 let (t, v) = all.split(r, self.split_seed)?;
                 (t, Some(v))

@@ -54,6 +54,10 @@ impl SequenceModel for BertForTokenClassification {
 pub trait Task<M: ?Sized> {
     /// Number of rows.
     fn len(&self) -> usize;
+    /// True when there are no rows.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Where the rows came from (for messages).
     fn origin(&self) -> &str;
     /// Loss terms of row `row`: 1 for a classifier, its response tokens for a causal LM.
@@ -433,7 +437,7 @@ impl Trainer {
     ) -> Result<TrainReport> {
         let cfg = self.config.clone();
         cfg.validate()?;
-        if train.len() == 0 {
+        if train.is_empty() {
             return Err(TuneError::config(
                 "train",
                 format!("{} has no rows", train.origin()),
