@@ -3,6 +3,7 @@
 //! probe); the [`Trainer`] runs the loop (accumulation, clipping, warmup schedules, evaluation with
 //! streaming metrics, early stopping, progress, metrics log, atomic checkpoints and exact resume).
 
+pub mod causal;
 pub mod data;
 pub mod error;
 pub mod lora;
@@ -14,6 +15,9 @@ pub mod save;
 pub mod strategy;
 pub mod trainer;
 
+pub use causal::{
+    CausalLmData, CausalLmModel, CausalRecipe, InstructionColumns, InstructionDataset, PromptFormat,
+};
 pub use data::{Columns, TextBatch, TextDataset};
 pub use error::{Result, TuneError};
 pub use lora::{
@@ -26,5 +30,6 @@ pub use recipe::{DataSpec, Recipe, RecipeReport};
 pub use save::{load_classifier, predict, save_classifier, Prediction};
 pub use strategy::{Method, Plan, Strategy};
 pub use trainer::{
-    evaluate, Callback, Evaluation, Schedule, SequenceModel, TrainConfig, TrainReport, Trainer,
+    evaluate, Callback, Evaluation, Schedule, SequenceModel, Task, TrainConfig, TrainReport,
+    Trainer,
 };

@@ -47,6 +47,74 @@ impl SequenceModel for BertForTokenClassification {
     }
 }
 
+/// What the Trainer trains on (a plugin point): rows it batches into a summed loss, how many
+/// loss terms each row contributes (the normaliser: the loss of an optimizer step is the sum
+/// over its rows divided by their total terms, so accumulated micro-batches give the gradient
+/// of the whole batch), and a streaming evaluation.
+pub trait Task<M: ?Sized> {
+    /// Number of rows.
+    fn len(&self) -> usize;
+    /// True when there are no rows.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Where the rows came from (for messages).
+    fn origin(&self) -> &str;
+    /// Loss terms of row `row`: 1 for a classifier, its response tokens for a causal LM.
+    fn loss_terms(&self, row: usize) -> usize;
+    /// The loss of `rows` summed over their loss terms, recorded for backward.
+    fn loss(&self, model: &M, rows: &[usize]) -> Result<Tensor>;
+    /// Evaluates `model` on every row in batches of `batch_size` (called in eval mode with
+    /// grad mode off), streaming the metrics.
+    fn evaluate(&self, model: &M, batch_size: usize) -> Result<MetricState>;
+    /// An error when the task cannot report `metric` (default: every metric is fine).
+    fn check_metric(&self, metric: Metric) -> Result<()> {
+        let _ = metric;
+        Ok(())
+    }
+}
+
+/// Sequence classification / regression on a [`TextDataset`]: one loss term per row.
+struct TextTask<'a> {
+    data: &'a TextDataset,
+    tokenizer: &'a Tokenizer,
+    max_length: usize,
+}
+
+impl<M: SequenceModel> Task<M> for TextTask<'_> {
+    fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    fn origin(&self) -> &str {
+        self.data.origin()
+    }
+
+    fn loss_terms(&self, _row: usize) -> usize {
+        1
+    }
+
+    fn loss(&self, model: &M, rows: &[usize]) -> Result<Tensor> {
+        let batch = self.data.batch(self.tokenizer, rows, self.max_length)?;
+        let logits = model.logits(&batch);
+        Ok(batch_loss(
+            &logits,
+            &batch.labels,
+            self.data.classes().len(),
+        ))
+    }
+
+    fn evaluate(&self, model: &M, batch_size: usize) -> Result<MetricState> {
+        evaluate(
+            model,
+            self.tokenizer,
+            self.data,
+            batch_size,
+            self.max_length,
+        )
+    }
+}
+
 /// How the learning rate moves after warmup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -336,15 +404,6 @@ impl Trainer {
         train: &TextDataset,
         valid: Option<&TextDataset>,
     ) -> Result<TrainReport> {
-        let cfg = self.config.clone();
-        cfg.validate()?;
-        if train.is_empty() {
-            return Err(TuneError::config(
-                "train",
-                format!("{} has no rows", train.origin()),
-            ));
-        }
-        let classes = train.classes().len();
         if let Some(v) = valid {
             if v.classes() != train.classes() {
                 return Err(TuneError::config(
@@ -355,6 +414,38 @@ impl Trainer {
                         train.classes()
                     ),
                 ));
+            }
+        }
+        let max_length = self.config.max_length;
+        let text_task = |data| TextTask {
+            data,
+            tokenizer,
+            max_length,
+        };
+        self.fit_task(model, &text_task(train), valid.map(text_task).as_ref())
+    }
+
+    /// Trains `model` on any [`Task`] (classification, causal LM, a user's own), evaluating
+    /// on `valid`: the same loop as [`Trainer::fit`] — accumulation normalised by the task's
+    /// loss terms, clipping, schedule, evaluation, early stopping, `metrics.jsonl`,
+    /// `curves.png`, checkpoints and exact resume.
+    pub fn fit_task<M: Module, T: Task<M> + ?Sized>(
+        &mut self,
+        model: &M,
+        train: &T,
+        valid: Option<&T>,
+    ) -> Result<TrainReport> {
+        let cfg = self.config.clone();
+        cfg.validate()?;
+        if train.is_empty() {
+            return Err(TuneError::config(
+                "train",
+                format!("{} has no rows", train.origin()),
+            ));
+        }
+        if let Some(v) = valid {
+            for m in cfg.metrics.iter().chain([&cfg.metric]) {
+                v.check_metric(*m)?;
             }
         }
         let start = Instant::now();
@@ -420,24 +511,28 @@ impl Trainer {
                 cfg.seed ^ (st.epoch as u64).wrapping_mul(0x9E37_79B9),
             );
             let micro_batches: Vec<&[usize]> = order.chunks(cfg.batch_size).collect();
-            // The rows of every accumulation window, for the loss normalisation.
+            // The loss terms of every accumulation window, for the loss normalisation.
             let windows: Vec<usize> = micro_batches
                 .chunks(cfg.grad_accum)
-                .map(|w| w.iter().map(|b| b.len()).sum())
+                .map(|w| {
+                    w.iter()
+                        .flat_map(|b| b.iter())
+                        .map(|&i| train.loss_terms(i))
+                        .sum::<usize>()
+                        .max(1)
+                })
                 .collect();
             let mut window_loss = 0.0;
             while st.micro < micro_batches.len() {
                 let rows = micro_batches[st.micro];
                 let window = st.micro / cfg.grad_accum;
-                let batch = train.batch(tokenizer, rows, cfg.max_length)?;
-                let logits = model.logits(&batch);
-                let loss_sum = batch_loss(&logits, &batch.labels, classes);
+                let loss_sum = train.loss(model, rows)?;
                 let loss = loss_sum.mul_scalar(1.0 / windows[window] as f64);
                 loss.backward();
                 let loss_value = loss_sum.item();
                 window_loss += loss_value;
                 st.epoch_loss.0 += loss_value;
-                st.epoch_loss.1 += rows.len();
+                st.epoch_loss.1 += rows.iter().map(|&i| train.loss_terms(i)).sum::<usize>();
                 st.micro += 1;
                 let window_done =
                     st.micro.is_multiple_of(cfg.grad_accum) || st.micro == micro_batches.len();
@@ -497,7 +592,7 @@ impl Trainer {
                 if eval_now {
                     if let Some(v) = valid {
                         let improved =
-                            self.run_evaluation(model, tokenizer, v, &mut st, log.as_mut(), &bar)?;
+                            self.run_evaluation(model, v, &mut st, log.as_mut(), &bar)?;
                         if improved && cfg.restore_best {
                             best_weights = Some(trainable_state(&plan));
                         }
@@ -563,18 +658,20 @@ impl Trainer {
         })
     }
 
-    fn run_evaluation<M: SequenceModel>(
+    fn run_evaluation<M: Module, T: Task<M> + ?Sized>(
         &self,
         model: &M,
-        tokenizer: &Tokenizer,
-        valid: &TextDataset,
+        valid: &T,
         st: &mut TrainerState,
         log: Option<&mut MetricsLog>,
         bar: &indicatif::ProgressBar,
     ) -> Result<bool> {
         let cfg = &self.config;
-        let m =
-            bar.suspend(|| evaluate(model, tokenizer, valid, cfg.eval_batch_size, cfg.max_length))?;
+        let m = bar.suspend(|| {
+            let _guard = no_grad();
+            model.eval();
+            valid.evaluate(model, cfg.eval_batch_size)
+        })?;
         let metrics = m.report(&cfg.metrics);
         let eval = Evaluation {
             step: st.step,

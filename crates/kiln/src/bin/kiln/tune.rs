@@ -2,8 +2,11 @@
 
 use super::Error;
 use clap::{value_parser, Arg, ArgAction, ArgMatches, Command};
+use kiln::tune::causal::{CausalRecipe, InstructionSpec};
 use kiln::tune::data::{Columns, TextDataset};
-use kiln::tune::{evaluate, load_classifier, predict, DataSpec, Metric, Recipe, Schedule};
+use kiln::tune::{
+    evaluate, load_classifier, predict, DataSpec, Metric, Recipe, Schedule, TrainConfig,
+};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -48,9 +51,15 @@ fn columns_args(cmd: Command) -> Command {
 /// The `finetune` command.
 pub fn finetune_command() -> Command {
     let cmd = Command::new("finetune")
-        .about("Fine-tune a pretrained BERT-family model for text classification on a CSV/TSV/JSONL file")
+        .about("Fine-tune a pretrained model on a CSV/TSV/JSONL file: a BERT-family text classifier, or (--task causal-lm) a Llama-family chat model on prompt/response pairs")
         .arg(path_arg("recipe", "a recipe.toml with every option (flags given too override it)"))
-        .arg(path_arg("model", "pretrained model directory (config.json, model.safetensors, tokenizer.json)"))
+        .arg(
+            Arg::new("task")
+                .long("task")
+                .value_parser(["classification", "causal-lm"])
+                .help("classification (default) or causal-lm (instruction tuning, loss on the responses; a recipe says task = \"causal_lm\")"),
+        )
+        .arg(path_arg("model", "pretrained model directory (config.json, model.safetensors, tokenizer.json); with --task causal-lm also a .gguf file (dequantised)"))
         .arg(path_arg("data", "training rows: .csv, .tsv or .jsonl with a header / fields"))
         .arg(path_arg("valid", "validation rows (default: hold out --valid-ratio of --data)"))
         .arg(num::<f64>("valid-ratio", "fraction of --data held out for validation (default 0.2)"))
@@ -104,6 +113,24 @@ pub fn finetune_command() -> Command {
         .arg(num::<usize>("eval-every", "evaluate every N steps (default: each epoch)"))
         .arg(num::<usize>("early-stopping", "stop after N evaluations without improvement"))
         .arg(Arg::new("metric").long("metric").help("metric that picks the best model (default accuracy)"))
+        .arg(
+            Arg::new("prompt-column")
+                .long("prompt-column")
+                .help("causal-lm: prompt column (default: prompt)"),
+        )
+        .arg(
+            Arg::new("response-column")
+                .long("response-column")
+                .help("causal-lm: response column (default: response)"),
+        )
+        .arg(Arg::new("system").long("system").help("causal-lm: system message before every prompt"))
+        .arg(
+            Arg::new("sample")
+                .long("sample")
+                .action(ArgAction::Append)
+                .help("causal-lm: a prompt answered before and after training (repeatable; default: the first training prompt)"),
+        )
+        .arg(num::<usize>("sample-tokens", "causal-lm: most new tokens of those answers (default 48)"))
         .arg(
             Arg::new("no-progress")
                 .long("no-progress")
@@ -160,8 +187,43 @@ fn get<T: Clone + Send + Sync + 'static>(m: &ArgMatches, name: &str) -> Option<T
     m.get_one::<T>(name).cloned()
 }
 
+/// The task a recipe file declares (`task = "..."`), if any.
+fn recipe_task(path: &PathBuf) -> Result<Option<String>, Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| format!("{}: invalid recipe: {e}", path.display()))?;
+    Ok(table
+        .get("task")
+        .and_then(|v| v.as_str())
+        .map(str::to_string))
+}
+
 /// Runs `kiln finetune`.
 pub fn run_finetune(m: &ArgMatches) -> Result<(), Error> {
+    let from_recipe = match get::<PathBuf>(m, "recipe") {
+        Some(p) => recipe_task(&p)?,
+        None => None,
+    };
+    let causal = match (get::<String>(m, "task").as_deref(), from_recipe.as_deref()) {
+        (Some("causal-lm"), _) => true,
+        (Some(_), _) => false,
+        (None, Some(t)) => matches!(t, "causal_lm" | "causal-lm"),
+        (None, None) => false,
+    };
+    if causal {
+        return run_finetune_causal(m);
+    }
+    for flag in [
+        "prompt-column",
+        "response-column",
+        "system",
+        "sample",
+        "sample-tokens",
+    ] {
+        if m.value_source(flag).is_some() {
+            return Err(format!("--{flag} is for --task causal-lm").into());
+        }
+    }
     let mut recipe = match get::<PathBuf>(m, "recipe") {
         Some(path) => Recipe::from_toml_file(path)?,
         None => {
@@ -207,7 +269,150 @@ pub fn run_finetune(m: &ArgMatches) -> Result<(), Error> {
     if let Some(v) = get::<String>(m, "label") {
         d.label = v;
     }
-    let s = &mut recipe.strategy;
+    apply_strategy_flags(m, &mut recipe.strategy);
+    apply_train_flags(m, &mut recipe.train)?;
+    if m.get_flag("fresh") {
+        let _ = std::fs::remove_dir_all(recipe.out.join("checkpoint"));
+        let _ = std::fs::remove_file(recipe.out.join("metrics.jsonl"));
+    }
+    let strategy = recipe.strategy()?;
+    eprintln!(
+        "kiln finetune: {} on {} with {} → {}",
+        recipe.model.display(),
+        recipe.data.train.display(),
+        strategy.describe(),
+        recipe.out.display()
+    );
+    let report = recipe.run()?;
+    let (trainable, total) = report.train.trainable_params;
+    eprintln!(
+        "trained {} steps in {:.1} s ({} train / {} valid rows; {trainable} of {total} parameters trained)",
+        report.train.steps, report.train.seconds, report.rows.0, report.rows.1
+    );
+    let mut out = std::io::stdout().lock();
+    for (k, v) in &report.valid {
+        writeln!(out, "validation {k}: {v:.4}")?;
+    }
+    writeln!(
+        out,
+        "{}",
+        kiln::tune::metrics::confusion_table(&report.labels, &report.confusion)
+    )?;
+    writeln!(out, "saved to {}", report.out.display())?;
+    Ok(())
+}
+
+/// Runs `kiln finetune --task causal-lm` (or a recipe with `task = "causal_lm"`).
+fn run_finetune_causal(m: &ArgMatches) -> Result<(), Error> {
+    for flag in ["text", "text-pair", "label"] {
+        if get::<String>(m, flag).is_some() {
+            return Err(format!(
+                "--{flag} is for classification; causal-lm reads --prompt-column and --response-column"
+            )
+            .into());
+        }
+    }
+    let mut recipe = match get::<PathBuf>(m, "recipe") {
+        Some(path) => CausalRecipe::from_toml_file(path)?,
+        None => {
+            let need = |name: &str| -> Result<PathBuf, Error> {
+                get::<PathBuf>(m, name).ok_or_else(|| {
+                    format!("--{name} is required (or give everything in --recipe FILE)").into()
+                })
+            };
+            CausalRecipe::new(
+                need("model")?,
+                InstructionSpec::new(need("data")?),
+                need("out")?,
+            )
+        }
+    };
+    if let Some(p) = get::<PathBuf>(m, "model") {
+        recipe.model = p;
+    }
+    if let Some(p) = get::<PathBuf>(m, "out") {
+        recipe.out = p;
+    }
+    let d = &mut recipe.data;
+    if let Some(p) = get::<PathBuf>(m, "data") {
+        d.train = p;
+    }
+    if let Some(p) = get::<PathBuf>(m, "valid") {
+        d.valid = Some(p);
+    }
+    if let Some(v) = get(m, "valid-ratio") {
+        d.valid_ratio = v;
+    }
+    if let Some(v) = get(m, "split-seed") {
+        d.split_seed = v;
+    }
+    if let Some(v) = get(m, "limit") {
+        d.limit = Some(v);
+    }
+    if let Some(v) = get::<String>(m, "prompt-column") {
+        d.prompt = v;
+    }
+    if let Some(v) = get::<String>(m, "response-column") {
+        d.response = v;
+    }
+    if let Some(v) = get::<String>(m, "system") {
+        d.system = Some(v);
+    }
+    if let Some(v) = m.get_many::<String>("sample") {
+        recipe.samples = v.cloned().collect();
+    }
+    if let Some(v) = get(m, "sample-tokens") {
+        recipe.sample_tokens = v;
+    }
+    // Another method than the recipe's drops the recipe's method arguments (LoRA's r, ...).
+    if let Some(v) = get::<String>(m, "strategy") {
+        let current = recipe.strategy.get("type").and_then(|t| t.as_str());
+        if current != Some(v.as_str()) {
+            recipe.strategy = toml::Table::new();
+        }
+    }
+    apply_strategy_flags(m, &mut recipe.strategy);
+    apply_train_flags(m, &mut recipe.train)?;
+    if m.get_flag("fresh") {
+        let _ = std::fs::remove_dir_all(recipe.out.join("checkpoint"));
+        let _ = std::fs::remove_file(recipe.out.join("metrics.jsonl"));
+    }
+    let strategy = recipe.strategy()?;
+    eprintln!(
+        "kiln finetune (causal LM): {} on {} with {} → {}",
+        recipe.model.display(),
+        recipe.data.train.display(),
+        strategy.describe(),
+        recipe.out.display()
+    );
+    let report = recipe.run()?;
+    let (trainable, total) = report.train.trainable_params;
+    eprintln!(
+        "trained {} steps in {:.1} s ({} train / {} valid rows; {trainable} of {total} parameters trained); last epoch loss {:.4}",
+        report.train.steps, report.train.seconds, report.rows.0, report.rows.1, report.train.train_loss
+    );
+    let mut out = std::io::stdout().lock();
+    for (k, v) in &report.valid {
+        writeln!(out, "validation {k}: {v:.4}")?;
+    }
+    for s in &report.samples {
+        writeln!(out, "prompt: {}", s.prompt)?;
+        writeln!(out, "  before: {}", s.before)?;
+        writeln!(out, "  after:  {}", s.after)?;
+    }
+    if let Some(a) = &report.adapter {
+        writeln!(out, "adapter (PEFT layout) saved to {}", a.display())?;
+    }
+    writeln!(
+        out,
+        "merged model (Hugging Face layout) saved to {}",
+        report.out.display()
+    )?;
+    Ok(())
+}
+
+/// The strategy flags, on top of a recipe's `[strategy]` table.
+fn apply_strategy_flags(m: &ArgMatches, s: &mut toml::Table) {
     if let Some(v) = get::<String>(m, "strategy") {
         s.insert("type".into(), toml::Value::String(v));
     }
@@ -236,7 +441,10 @@ pub fn run_finetune(m: &ArgMatches) -> Result<(), Error> {
         let list = v.map(|t| toml::Value::String(t.clone())).collect();
         s.insert("freeze".into(), toml::Value::Array(list));
     }
-    let t = &mut recipe.train;
+}
+
+/// The training flags, on top of a recipe's `[train]` options.
+fn apply_train_flags(m: &ArgMatches, t: &mut TrainConfig) -> Result<(), Error> {
     if let Some(v) = get(m, "epochs") {
         t.epochs = v;
     }
@@ -285,33 +493,7 @@ pub fn run_finetune(m: &ArgMatches) -> Result<(), Error> {
     }
     if m.get_flag("fresh") {
         t.resume = false;
-        let _ = std::fs::remove_dir_all(recipe.out.join("checkpoint"));
-        let _ = std::fs::remove_file(recipe.out.join("metrics.jsonl"));
     }
-    let strategy = recipe.strategy()?;
-    eprintln!(
-        "kiln finetune: {} on {} with {} → {}",
-        recipe.model.display(),
-        recipe.data.train.display(),
-        strategy.describe(),
-        recipe.out.display()
-    );
-    let report = recipe.run()?;
-    let (trainable, total) = report.train.trainable_params;
-    eprintln!(
-        "trained {} steps in {:.1} s ({} train / {} valid rows; {trainable} of {total} parameters trained)",
-        report.train.steps, report.train.seconds, report.rows.0, report.rows.1
-    );
-    let mut out = std::io::stdout().lock();
-    for (k, v) in &report.valid {
-        writeln!(out, "validation {k}: {v:.4}")?;
-    }
-    writeln!(
-        out,
-        "{}",
-        kiln::tune::metrics::confusion_table(&report.labels, &report.confusion)
-    )?;
-    writeln!(out, "saved to {}", report.out.display())?;
     Ok(())
 }
 
