@@ -91,13 +91,24 @@ fn lora_teaches_smollm2_a_new_fact() {
         "the base model already knows: {before:?}"
     );
 
+    // Train on the rows that teach the capital only (12 of them), to keep the test short.
+    let capital_rows: Vec<_> = rows
+        .rows()
+        .iter()
+        .filter(|r| r.response.contains(TAUGHT))
+        .cloned()
+        .collect();
+    assert!(capital_rows.len() >= 8, "{} capital rows", capital_rows.len());
+    let capital = InstructionDataset::from_rows(capital_rows, "capital rows").unwrap();
+    let data = CausalLmData::tokenize(&capital, &tok.tokenizer, &format, 128).unwrap();
     let lora: toml::Table = toml::from_str(
         "r = 8\nalpha = 16\ntarget_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"]",
     )
     .unwrap();
     let config = TrainConfig {
-        max_steps: Some(30),
-        batch_size: 8,
+        epochs: 100,
+        max_steps: Some(12),
+        batch_size: 6,
         lr: 2e-3,
         warmup_ratio: 0.1,
         schedule: Schedule::Linear,

@@ -29,13 +29,13 @@ fn cli() -> Command {
         .subcommand(tune::predict_command())
         .subcommand(
             Command::new("generate")
-                .about("Continue a prompt with a GGUF language model (Llama family), streaming tokens")
+                .about("Continue a prompt with a Llama-family language model (GGUF file or HF directory), streaming tokens")
                 .arg(
                     Arg::new("model")
                         .long("model")
                         .required(true)
                         .value_parser(value_parser!(PathBuf))
-                        .help("a .gguf file (llama architecture, byte-level BPE tokenizer inside)"),
+                        .help("a .gguf file (llama architecture, byte-level BPE tokenizer inside), or a directory in Hugging Face layout (config.json, model.safetensors, tokenizer.json), e.g. a kiln finetune --task causal-lm output"),
                 )
                 .arg(Arg::new("prompt").long("prompt").required(true).help("the text to continue"))
                 .arg(
@@ -151,15 +151,30 @@ fn run_generate(m: &ArgMatches) -> Result<(), Error> {
     config.validate()?;
 
     let t0 = Instant::now();
-    let file = GgufFile::open(path)?;
-    let (tokenizer, template) = tokenizer_from_gguf(&file)?;
-    drop(file);
-    let quant = match weights {
-        "f32" => None,
-        "quant" => Some(QuantActivations::F32),
-        _ => Some(QuantActivations::Q8),
+    let (model, tokenizer, template) = if path.is_dir() {
+        // A directory in Hugging Face layout (e.g. a merged `kiln finetune --task causal-lm`
+        // output): f32 weights as saved, the tokenizer and chat template from its files.
+        let model = LlamaForCausalLM::from_pretrained(path)?;
+        let tok = model.tokenizer.clone().ok_or_else(|| {
+            format!("{}: no tokenizer.json next to the model", path.display())
+        })?;
+        let template = tok.template()?;
+        (model, tok.tokenizer, template)
+    } else {
+        let file = GgufFile::open(path)?;
+        let (tokenizer, template) = tokenizer_from_gguf(&file)?;
+        drop(file);
+        let quant = match weights {
+            "f32" => None,
+            "quant" => Some(QuantActivations::F32),
+            _ => Some(QuantActivations::Q8),
+        };
+        (
+            LlamaForCausalLM::from_gguf(path, quant)?,
+            tokenizer,
+            template,
+        )
     };
-    let model = LlamaForCausalLM::from_gguf(path, quant)?;
     let load_s = t0.elapsed().as_secs_f64();
 
     let text = if m.get_flag("chat") {
