@@ -526,13 +526,22 @@ fn a_recipe_on_real_valued_labels_trains_a_regression_head() {
         .unwrap()
         .join("tokenizer.json");
     kiln_tune::save_classifier(&model(0.0, 4), &tok_path, &base).unwrap();
+    // A pretrained encoder without a task head (as MiniLM is): drop the 2-class classifier.
+    let weights_path = base.join("model.safetensors");
+    let encoder: kiln_nn::StateDict = kiln_nn::safetensors_io::load(&weights_path)
+        .unwrap()
+        .iter()
+        .filter(|(n, _)| !n.starts_with("classifier."))
+        .map(|(n, t)| (n.to_string(), t.clone()))
+        .collect();
+    kiln_nn::safetensors_io::save(&encoder, &weights_path).unwrap();
     let csv = root.join("scores.csv");
     regression_csv(&csv, 200);
     let mut recipe = Recipe::new(&base, DataSpec::new(&csv), root.join("out"));
     recipe.train = quiet(TrainConfig {
-        epochs: 4,
+        epochs: 10,
         batch_size: 16,
-        lr: 2e-3,
+        lr: 1e-2,
         ..TrainConfig::default()
     });
     assert_eq!(recipe.data.task, Task::Auto);
