@@ -7,6 +7,7 @@ pub mod causal;
 pub mod data;
 pub mod error;
 pub mod lora;
+pub mod lr_finder;
 pub mod method;
 pub mod metrics;
 pub mod plot;
@@ -24,9 +25,10 @@ pub use lora::{
     apply_lora, load_adapter, lora_layers, merge_lora, remove_lora, save_adapter, unmerge_lora,
     LoraConfig, LoraLinear, LoraReport,
 };
+pub use lr_finder::{find_lr, suggest_lr, LrFinderConfig, LrFinderResult};
 pub use method::{methods, MethodFn, Methods};
 pub use metrics::{Metric, MetricState};
-pub use recipe::{DataSpec, Recipe, RecipeReport};
+pub use recipe::{is_regression_model, predict_values, DataSpec, Recipe, RecipeReport, Task};
 pub use save::{load_classifier, predict, save_classifier, Prediction};
 pub use strategy::{Method, Plan, Strategy};
 pub use trainer::{

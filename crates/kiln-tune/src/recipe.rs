@@ -12,6 +12,7 @@
 //! valid_ratio = 0.2          # or: valid = "valid.csv"
 //! text = "text"
 //! label = "label"
+//! task = "auto"              # or "classification", "regression"
 //!
 //! [strategy]
 //! type = "full"              # linear_probe, bitfit, lora (r = 8, ...), or a registered method
@@ -22,14 +23,58 @@
 //! lr = 5e-5
 //! ```
 
-use crate::data::{Columns, TextDataset};
+use crate::data::{Columns, LabelKind, TextDataset};
 use crate::error::{Result, TuneError};
+use crate::lr_finder::{find_lr, LrFinderConfig, LrFinderResult};
+use crate::metrics::Metric;
 use crate::strategy::Strategy;
 use crate::trainer::{evaluate, TrainConfig, TrainReport, Trainer};
-use kiln_data::Tokenizer;
+use kiln_core::{no_grad, DType};
+use kiln_data::{EncodeOptions, Padding, Tokenizer};
 use kiln_models::{BertForSequenceClassification, ClassifierPooling, LoadOptions};
+use kiln_nn::ModuleExt;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+
+/// What the model learns from the label column.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// Regression when every training label is a number and one of them is not an integer
+    /// (`0.5`, `3.25`), classification otherwise (so `0`/`1` labels are classes).
+    #[default]
+    Auto,
+    /// Sequence classification: label names are classes; cross-entropy.
+    Classification,
+    /// Regression: one real-valued output (`num_labels` 1, `problem_type` "regression" in the
+    /// saved config.json); mean squared error, reported as MSE and MAE.
+    Regression,
+}
+
+impl Task {
+    /// Parses `auto`, `classification` or `regression`.
+    pub fn parse(name: &str) -> Result<Task> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Task::Auto),
+            "classification" | "classify" => Ok(Task::Classification),
+            "regression" => Ok(Task::Regression),
+            other => Err(TuneError::config(
+                "task",
+                format!("unknown task `{other}` (known: auto, classification, regression)"),
+            )),
+        }
+    }
+}
+
+/// Whether class names read from a label column are really real numbers: every one parses as a
+/// finite number and at least one is not an integer.
+fn numeric_labels(classes: &[String]) -> bool {
+    let values: Option<Vec<f64>> = classes
+        .iter()
+        .map(|c| c.trim().parse::<f64>().ok().filter(|v| v.is_finite()))
+        .collect();
+    values.is_some_and(|v| v.iter().any(|x| x.fract() != 0.0))
+}
 
 /// Where the data comes from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -58,6 +103,9 @@ pub struct DataSpec {
     /// Use only the first N training rows (after the split), e.g. for a quick run.
     #[serde(default)]
     pub limit: Option<usize>,
+    /// Classification, regression, or decided from the labels (default auto).
+    #[serde(default)]
+    pub task: Task,
 }
 
 fn default_valid_ratio() -> f64 {
@@ -82,6 +130,7 @@ impl DataSpec {
             text_pair: None,
             label: default_label(),
             limit: None,
+            task: Task::Auto,
         }
     }
 
@@ -94,11 +143,28 @@ impl DataSpec {
         }
     }
 
-    /// Reads and splits the data: `(train, valid)`.
+    /// Reads and splits the data: `(train, valid)`, as classes or as real values (see
+    /// [`Task`]).
     pub fn load(&self) -> Result<(TextDataset, TextDataset)> {
         let cols = self.columns();
-        let all = TextDataset::from_file(&self.train, &cols)?;
+        let all = match self.task {
+            Task::Regression => TextDataset::from_file_regression(&self.train, &cols)?,
+            Task::Classification => TextDataset::from_file(&self.train, &cols)?,
+            Task::Auto => {
+                let all = TextDataset::from_file(&self.train, &cols)?;
+                if numeric_labels(all.classes()) {
+                    TextDataset::from_file_regression(&self.train, &cols)?
+                } else {
+                    all
+                }
+            }
+        };
+        let regression = matches!(all.labels(), LabelKind::Regression);
         let (train, valid) = match &self.valid {
+            Some(v) if regression => {
+                let valid = TextDataset::from_file_regression(v, &cols)?;
+                (all, valid)
+            }
             Some(v) => {
                 let valid = TextDataset::from_file_with_classes(v, &cols, all.classes())?;
                 (all, valid)
@@ -216,6 +282,34 @@ impl Recipe {
         }
     }
 
+    /// Runs the LR range test ([`find_lr`]) for this job — its model, training data, strategy,
+    /// batch size and optimizer options — and writes `lr_finder.jsonl` and `lr_finder.png`
+    /// into `out`. Trains nothing and saves no model.
+    pub fn find_lr(&self) -> Result<LrFinderResult> {
+        let strategy = self.strategy()?;
+        self.train.validate()?;
+        let tokenizer = Tokenizer::from_file(self.model.join("tokenizer.json"))?;
+        let (train, _) = self.data.load()?;
+        let model = self.load_model(&train)?;
+        let mut cfg = LrFinderConfig::from_train(&self.train, strategy);
+        cfg.out_dir = Some(self.out.clone());
+        find_lr(&model, &tokenizer, &train, &cfg)
+    }
+
+    /// The pretrained model with a new head for `train`'s labels (one output for regression).
+    fn load_model(&self, train: &TextDataset) -> Result<BertForSequenceClassification> {
+        let opts = if train.classes().is_empty() {
+            LoadOptions::default().num_labels(1)
+        } else {
+            LoadOptions::default().labels(train.classes().to_vec())
+        };
+        let mut opts = opts.seed(self.train.seed);
+        if let Some(p) = self.pooling {
+            opts = opts.classifier_pooling(p);
+        }
+        Ok(BertForSequenceClassification::from_pretrained_with(&self.model, &opts)?.0)
+    }
+
     /// Runs the job: loads the model and data, trains with progress and logs under `out`,
     /// evaluates the best model, and saves it (config with labels, weights, tokenizer,
     /// `training.json`, and the validation rows as `valid.csv`) to `out`.
@@ -226,16 +320,29 @@ impl Recipe {
         let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
         let (train, valid) = self.data.load()?;
         let labels = train.classes().to_vec();
-        let mut opts = LoadOptions::default()
-            .labels(labels.clone())
-            .seed(self.train.seed);
-        if let Some(p) = self.pooling {
-            opts = opts.classifier_pooling(p);
-        }
-        let (model, _) = BertForSequenceClassification::from_pretrained_with(&self.model, &opts)?;
+        let regression = labels.is_empty();
+        let model = self.load_model(&train)?;
         std::fs::create_dir_all(&self.out).map_err(|e| TuneError::io(&self.out, e))?;
         let mut cfg = self.train.clone();
         cfg.out_dir = Some(self.out.clone());
+        if regression {
+            // Class metrics mean nothing for real values: report MSE and MAE, pick by MSE.
+            let class_metric = |m: &Metric| {
+                matches!(
+                    m,
+                    Metric::Accuracy | Metric::MacroF1 | Metric::Precision | Metric::Recall
+                )
+            };
+            cfg.metrics.retain(|m| !class_metric(m));
+            for m in [Metric::Mse, Metric::Mae] {
+                if !cfg.metrics.contains(&m) {
+                    cfg.metrics.push(m);
+                }
+            }
+            if class_metric(&cfg.metric) {
+                cfg.metric = Metric::Mse;
+            }
+        }
         let mut trainer = Trainer::new(cfg.clone()).strategy(strategy.clone());
         let report = trainer.fit(&model, &tokenizer, &train, Some(&valid))?;
         // The model holds the best evaluation's weights (restore_best); without it, or when
@@ -271,6 +378,9 @@ impl Recipe {
             crate::lora::remove_lora(&model, true)?;
         }
         crate::save::save_classifier(&model, &tokenizer_path, &self.out)?;
+        if regression {
+            mark_regression(&self.out.join("config.json"))?;
+        }
         valid.write_csv(&self.out.join("valid.csv"))?;
         let result = RecipeReport {
             train: report,
@@ -294,4 +404,73 @@ impl Recipe {
         let _ = std::fs::remove_dir_all(self.out.join("checkpoint"));
         Ok(result)
     }
+}
+
+/// Adds `"problem_type": "regression"` to a saved config.json (as Hugging Face writes it for a
+/// regression head).
+fn mark_regression(config: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(config).map_err(|e| TuneError::io(config, e))?;
+    let mut v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| TuneError::io(config, format!("invalid JSON: {e}")))?;
+    v["problem_type"] = serde_json::json!("regression");
+    let text = serde_json::to_string_pretty(&v).expect("JSON serialises");
+    std::fs::write(config, text).map_err(|e| TuneError::io(config, e))
+}
+
+/// Whether the model saved in `dir` is a regression model: its config.json says
+/// `"problem_type": "regression"`, or (Hugging Face's rule) has no problem type and one label.
+pub fn is_regression_model(dir: &Path) -> Result<bool> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| TuneError::io(&path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| TuneError::io(&path, format!("invalid JSON: {e}")))?;
+    Ok(match v.get("problem_type").and_then(|p| p.as_str()) {
+        Some(p) => p == "regression",
+        None => {
+            let labels = v
+                .get("id2label")
+                .and_then(|m| m.as_object())
+                .map(|m| m.len())
+                .or_else(|| {
+                    v.get("num_labels")
+                        .and_then(|n| n.as_u64())
+                        .map(|n| n as usize)
+                });
+            labels == Some(1)
+        }
+    })
+}
+
+/// The predicted values of a regression model for `texts`, in batches of `batch_size`
+/// (truncating to `max_length` tokens).
+pub fn predict_values<S: AsRef<str> + Sync>(
+    model: &BertForSequenceClassification,
+    tokenizer: &Tokenizer,
+    texts: &[S],
+    batch_size: usize,
+    max_length: usize,
+) -> Result<Vec<f64>> {
+    let outputs = model.labels().len();
+    if outputs != 1 {
+        return Err(TuneError::config(
+            "model",
+            format!("a regression model has one output, this one has {outputs}"),
+        ));
+    }
+    let _guard = no_grad();
+    model.eval();
+    let opts = EncodeOptions::default()
+        .padding(Padding::Longest)
+        .truncation(max_length);
+    let mut out = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(batch_size.max(1)) {
+        let enc = tokenizer.encode_batch(chunk, &opts)?;
+        let values = model.forward(
+            &enc.input_ids,
+            Some(&enc.attention_mask),
+            Some(&enc.token_type_ids),
+        );
+        out.extend(values.to_dtype(DType::F64).to_vec::<f64>());
+    }
+    Ok(out)
 }

@@ -654,12 +654,19 @@ mod tests {
             "{msg}"
         );
         let t: toml::Table =
-            toml::from_str("type = \"full\"\nunfreeze_every = 2\nunfreeze_every_steps = 5").unwrap();
+            toml::from_str("type = \"full\"\nunfreeze_every = 2\nunfreeze_every_steps = 5")
+                .unwrap();
         let e = Strategy::from_toml(t).unwrap_err();
-        assert!(e.to_string().contains("either by epochs or by steps"), "{e}");
+        assert!(
+            e.to_string().contains("either by epochs or by steps"),
+            "{e}"
+        );
         let t: toml::Table = toml::from_str("unfreeze_every_steps = 0").unwrap();
         let e = Strategy::from_toml(t).unwrap_err();
-        assert!(e.to_string().contains("strategy.unfreeze_every_steps"), "{e}");
+        assert!(
+            e.to_string().contains("strategy.unfreeze_every_steps"),
+            "{e}"
+        );
         let t: toml::Table = toml::from_str("unfreeze_every_steps = 50").unwrap();
         assert_eq!(
             Strategy::from_toml(t).unwrap(),

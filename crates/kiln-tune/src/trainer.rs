@@ -126,22 +126,64 @@ pub enum Schedule {
     Cosine,
     /// Constant.
     Constant,
+    /// One-cycle (Smith & Topin; PyTorch's `OneCycleLR` with cosine annealing): rises from
+    /// lr / 25 to lr over the warmup steps (30 % of the steps when the warmup is 0), then
+    /// falls to lr / (25 × 10⁴) at the last step. Only the learning rate cycles, not momentum.
+    OneCycle,
 }
+
+/// One-cycle: the first lr is the peak / this (PyTorch's `div_factor`).
+const ONE_CYCLE_DIV: f64 = 25.0;
+/// One-cycle: the last lr is the first / this (PyTorch's `final_div_factor`).
+const ONE_CYCLE_FINAL_DIV: f64 = 1e4;
+/// One-cycle: the warmup fraction when no warmup is configured (PyTorch's `pct_start`).
+const ONE_CYCLE_PCT_START: f64 = 0.3;
 
 impl Schedule {
     /// The multiplier of the base lr at optimizer step `step` (0-based) of `total`.
     pub fn factor(self, step: usize, warmup: usize, total: usize) -> f64 {
-        if step < warmup {
+        if step < warmup && self != Schedule::OneCycle {
             return (step + 1) as f64 / warmup as f64;
         }
         let span = total.saturating_sub(warmup).max(1) as f64;
-        let done = ((step - warmup) as f64 / span).min(1.0);
+        let done = (step.saturating_sub(warmup) as f64 / span).min(1.0);
         match self {
             Schedule::Linear => 1.0 - done,
             Schedule::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * done).cos()),
             Schedule::Constant => 1.0,
+            Schedule::OneCycle => one_cycle_factor(step, warmup, total),
         }
     }
+}
+
+/// PyTorch's `OneCycleLR` (two phases, cosine annealing) as a multiplier of the peak lr:
+/// phase 1 ends at step `warmup − 1` (as a real number, `pct_start × total − 1` in PyTorch),
+/// phase 2 at step `total − 1`.
+fn one_cycle_factor(step: usize, warmup: usize, total: usize) -> f64 {
+    let total = total.max(1) as f64;
+    let warm = if warmup == 0 {
+        ONE_CYCLE_PCT_START * total
+    } else {
+        warmup as f64
+    };
+    let initial = 1.0 / ONE_CYCLE_DIV;
+    let last = initial / ONE_CYCLE_FINAL_DIV;
+    let anneal = |from: f64, to: f64, pct: f64| {
+        to + (from - to) / 2.0 * ((std::f64::consts::PI * pct).cos() + 1.0)
+    };
+    let s = step as f64;
+    let peak_at = warm - 1.0;
+    if s <= peak_at {
+        let pct = if peak_at > 0.0 { s / peak_at } else { 1.0 };
+        return anneal(initial, 1.0, pct);
+    }
+    let span = (total - 1.0) - peak_at;
+    let pct = if span > 0.0 {
+        ((s - peak_at) / span).min(1.0)
+    } else {
+        1.0
+    };
+    anneal(1.0, last, pct)
 }
 
 /// Options of a training run; `Default` gives Hugging Face's usual fine-tuning setup.
@@ -163,7 +205,7 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Fraction of the optimizer steps spent warming up linearly (default 0.1).
     pub warmup_ratio: f64,
-    /// Decay after warmup (default linear).
+    /// Decay after warmup (default linear), or the one-cycle schedule.
     pub schedule: Schedule,
     /// Clip the global gradient L2 norm to this (default 1.0; `None` disables).
     pub max_grad_norm: Option<f64>,

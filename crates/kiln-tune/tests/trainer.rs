@@ -362,3 +362,245 @@ fn resume_restores_the_frozen_set_of_step_unfreezing() {
         .iter()
         .any(|n| n.contains("embeddings")));
 }
+
+#[test]
+fn one_cycle_matches_torch_one_cycle_lr() {
+    // Written by scripts/make_schedule_fixtures.py from torch.optim.lr_scheduler.OneCycleLR.
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/one_cycle.json");
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let max_lr = fixture["max_lr"].as_f64().unwrap();
+    let mut worst = 0.0f64;
+    for case in fixture["cases"].as_array().unwrap() {
+        let total = case["total"].as_u64().unwrap() as usize;
+        let warmup = case["warmup"].as_u64().unwrap() as usize;
+        let lrs = case["lrs"].as_array().unwrap();
+        assert_eq!(lrs.len(), total);
+        for (step, want) in lrs.iter().enumerate() {
+            let want = want.as_f64().unwrap();
+            let got = max_lr * Schedule::OneCycle.factor(step, warmup, total);
+            let rel = (got - want).abs() / want;
+            worst = worst.max(rel);
+            assert!(
+                rel < 1e-9,
+                "total {total} warmup {warmup} step {step}: kiln {got:e}, torch {want:e}"
+            );
+        }
+    }
+    eprintln!("one-cycle: max relative difference to torch {worst:e}");
+}
+
+#[test]
+fn one_cycle_drives_the_trainer_lr() {
+    struct Lrs(std::sync::Arc<std::sync::Mutex<Vec<f64>>>);
+    impl kiln_tune::Callback for Lrs {
+        fn on_step(&mut self, _step: usize, _loss: f64, lr: f64) -> bool {
+            self.0.lock().unwrap().push(lr);
+            true
+        }
+    }
+    let tok = tokenizer();
+    let data = dataset(40, 1);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let cfg = quiet(TrainConfig {
+        epochs: 2,
+        batch_size: 8,
+        lr: 1e-3,
+        warmup_ratio: 0.3,
+        schedule: Schedule::OneCycle,
+        ..TrainConfig::default()
+    });
+    Trainer::new(cfg)
+        .callback(Lrs(seen.clone()))
+        .fit(&model(0.0, 1), &tok, &data, None)
+        .unwrap();
+    let lrs = seen.lock().unwrap().clone();
+    // 10 steps, warmup round(0.3 × 10) = 3: the peak at step index 2.
+    assert_eq!(lrs.len(), 10);
+    let expected: Vec<f64> = (0..10)
+        .map(|s| 1e-3 * Schedule::OneCycle.factor(s, 3, 10))
+        .collect();
+    assert_eq!(lrs, expected);
+    assert!((lrs[0] - 1e-3 / 25.0).abs() < 1e-15 && lrs[2] == 1e-3);
+    assert!((lrs[9] - 1e-3 / 25.0 / 1e4).abs() < 1e-15);
+}
+
+#[test]
+fn lr_finder_sweeps_suggests_and_restores_the_model() {
+    use kiln_tune::{find_lr, LrFinderConfig};
+    let tok = tokenizer();
+    let data = dataset(64, 8);
+    let m = model(0.1, 9);
+    // A frozen tensor and eval mode, to see that both come back.
+    m.bert
+        .embeddings
+        .position_embeddings
+        .weight
+        .tensor()
+        .set_requires_grad(false);
+    m.eval();
+    let before = weights(&m);
+    let rng_before = m.rng_states();
+    let flags = |m: &BertForSequenceClassification| -> Vec<bool> {
+        m.named_parameters()
+            .into_iter()
+            .map(|(_, p)| p.is_trainable())
+            .collect()
+    };
+    let flags_before = flags(&m);
+    let dir = temp_dir("lr-finder");
+    let config = LrFinderConfig {
+        steps: 60,
+        batch_size: 16,
+        end_lr: 100.0,
+        strategy: Strategy::full().llrd(0.9),
+        out_dir: Some(dir.clone()),
+        ..LrFinderConfig::default()
+    };
+    let found = find_lr(&m, &tok, &data, &config).unwrap();
+    // Restored bit for bit: weights, random generators, gradient flags, eval mode.
+    assert_eq!(weights(&m), before);
+    assert_eq!(m.rng_states(), rng_before);
+    assert_eq!(flags(&m), flags_before);
+    assert!(!m.bert.embeddings.dropout.is_training());
+    assert!(m.classifier.weight.grad().is_none());
+    // An exponential sweep from start_lr, stopped by the divergence rule.
+    let n = found.lrs.len();
+    assert!(n >= 3 && n <= 60);
+    for (i, lr) in found.lrs.iter().enumerate() {
+        assert_eq!(*lr, config.lr_at(i));
+    }
+    assert_eq!(found.lrs[0], 1e-7);
+    assert_eq!((found.losses.len(), found.smoothed.len()), (n, n));
+    let min = found.smoothed.iter().cloned().fold(f64::INFINITY, f64::min);
+    assert!(found.diverged, "lr up to 100 must blow the loss up");
+    assert!(found.smoothed[n - 1] > 4.0 * min || !found.losses[n - 1].is_finite());
+    assert!(found.smoothed[..n - 1].iter().all(|&s| s <= 4.0 * min));
+    // The suggestion is a swept lr below the divergence, and the loss falls there.
+    let at = found
+        .lrs
+        .iter()
+        .position(|&l| l == found.suggestion)
+        .unwrap();
+    assert!(at < n - 1);
+    assert!(found.smoothed[at + 1] < found.smoothed[at.saturating_sub(1)]);
+    assert!(found.table().contains("<- suggestion"));
+    assert!(dir.join("lr_finder.png").is_file());
+    assert_eq!(
+        std::fs::read_to_string(dir.join("lr_finder.jsonl"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"train\""))
+            .count(),
+        n
+    );
+    // The same sweep again gives the same numbers (the model really was restored).
+    let again = find_lr(&m, &tok, &data, &config).unwrap();
+    assert_eq!(again, found);
+}
+
+/// `text,label` rows whose label is 0.5 per positive word minus 0.5 per negative word, plus 0.25
+/// (real values: the task is detected as regression).
+fn regression_csv(path: &std::path::Path, rows: usize) {
+    let pos = ["good", "great", "wonderful"];
+    let neg = ["bad", "awful", "dull"];
+    let mut s = String::from("text,label\n");
+    for i in 0..rows {
+        let (p, n) = (i % 4, (i / 4) % 3);
+        let mut words: Vec<&str> = vec!["the film was"];
+        words.extend((0..p).map(|k| pos[(i + k) % 3]));
+        words.extend((0..n).map(|k| neg[(i + k) % 3]));
+        let value = 0.5 * p as f64 - 0.5 * n as f64 + 0.25;
+        s.push_str(&format!("{},{value}\n", words.join(" ")));
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+#[test]
+fn a_recipe_on_real_valued_labels_trains_a_regression_head() {
+    use kiln_tune::{is_regression_model, predict_values, DataSpec, Recipe, Task};
+    let root = temp_dir("regression");
+    std::fs::create_dir_all(&root).unwrap();
+    let base = root.join("base");
+    let tok_path = kiln_models::checkpoint::minilm_dir()
+        .unwrap()
+        .join("tokenizer.json");
+    kiln_tune::save_classifier(&model(0.0, 4), &tok_path, &base).unwrap();
+    // A pretrained encoder without a task head (as MiniLM is): drop the 2-class classifier.
+    let weights_path = base.join("model.safetensors");
+    let encoder: kiln_nn::StateDict = kiln_nn::safetensors_io::load(&weights_path)
+        .unwrap()
+        .iter()
+        .filter(|(n, _)| !n.starts_with("classifier."))
+        .map(|(n, t)| (n.to_string(), t.clone()))
+        .collect();
+    kiln_nn::safetensors_io::save(&encoder, &weights_path).unwrap();
+    let csv = root.join("scores.csv");
+    regression_csv(&csv, 200);
+    let mut recipe = Recipe::new(&base, DataSpec::new(&csv), root.join("out"));
+    recipe.train = quiet(TrainConfig {
+        epochs: 10,
+        batch_size: 16,
+        lr: 1e-2,
+        ..TrainConfig::default()
+    });
+    assert_eq!(recipe.data.task, Task::Auto);
+    let report = recipe.run().unwrap();
+    assert!(report.labels.is_empty() && report.confusion.is_empty());
+    let keys: Vec<&str> = report.valid.keys().map(|k| k.as_str()).collect();
+    assert_eq!(keys, ["loss", "mae", "mse"]);
+    let out = root.join("out");
+    assert!(is_regression_model(&out).unwrap());
+    assert!(!is_regression_model(&base).unwrap());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["problem_type"], "regression");
+    // The reported MSE / MAE are those of the saved model's predictions on the validation rows.
+    let (model, tok) = kiln_tune::load_classifier(&out).unwrap();
+    let valid =
+        TextDataset::from_file_regression(out.join("valid.csv"), &kiln_tune::Columns::default())
+            .unwrap();
+    let texts: Vec<String> = (0..valid.len())
+        .map(|i| valid.examples()[i].text.clone())
+        .collect();
+    let targets: Vec<f64> = (0..valid.len()).map(|i| valid.target(i)).collect();
+    let preds = predict_values(&model, &tok, &texts, 7, 128).unwrap();
+    let n = preds.len() as f64;
+    let mse = preds
+        .iter()
+        .zip(&targets)
+        .map(|(p, t)| (p - t).powi(2))
+        .sum::<f64>()
+        / n;
+    let mae = preds
+        .iter()
+        .zip(&targets)
+        .map(|(p, t)| (p - t).abs())
+        .sum::<f64>()
+        / n;
+    assert!(
+        (mse - report.valid["mse"]).abs() < 1e-5,
+        "{mse} vs {:?}",
+        report.valid
+    );
+    assert!(
+        (mae - report.valid["mae"]).abs() < 1e-5,
+        "{mae} vs {:?}",
+        report.valid
+    );
+    // It learned: better than always predicting the mean target.
+    let mean = targets.iter().sum::<f64>() / n;
+    let var = targets.iter().map(|t| (t - mean).powi(2)).sum::<f64>() / n;
+    assert!(mse < 0.5 * var, "mse {mse}, variance {var}");
+    // Integer labels stay classes unless the task says otherwise.
+    let ints = root.join("ints.csv");
+    std::fs::write(&ints, "text,label\na,0\nb,1\nc,0\nd,1\ne,1\n").unwrap();
+    let (train, _) = DataSpec::new(&ints).load().unwrap();
+    assert_eq!(train.classes(), ["0", "1"]);
+    let spec = DataSpec {
+        task: Task::Regression,
+        ..DataSpec::new(&ints)
+    };
+    assert!(spec.load().unwrap().0.classes().is_empty());
+    let _ = std::fs::remove_dir_all(&root);
+}

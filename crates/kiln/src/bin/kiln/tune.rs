@@ -5,7 +5,8 @@ use clap::{value_parser, Arg, ArgAction, ArgMatches, Command};
 use kiln::tune::causal::{CausalRecipe, InstructionSpec};
 use kiln::tune::data::{Columns, TextDataset};
 use kiln::tune::{
-    evaluate, load_classifier, predict, DataSpec, Metric, Recipe, Schedule, TrainConfig,
+    evaluate, is_regression_model, load_classifier, predict, predict_values, DataSpec, Metric,
+    Recipe, Schedule, Task, TrainConfig,
 };
 use std::io::Write;
 use std::path::PathBuf;
@@ -56,8 +57,8 @@ pub fn finetune_command() -> Command {
         .arg(
             Arg::new("task")
                 .long("task")
-                .value_parser(["classification", "causal-lm"])
-                .help("classification (default) or causal-lm (instruction tuning, loss on the responses; a recipe says task = \"causal_lm\")"),
+                .value_parser(["auto", "classification", "regression", "causal-lm"])
+                .help("classification, regression (one output, MSE loss), causal-lm (instruction tuning of a chat model, loss on the responses; a recipe says task = \"causal_lm\"), or auto (default): classification, or regression when the labels are numbers, not all integers"),
         )
         .arg(path_arg("model", "pretrained model directory (config.json, model.safetensors, tokenizer.json); with --task causal-lm also a .gguf file (dequantised)"))
         .arg(path_arg("data", "training rows: .csv, .tsv or .jsonl with a header / fields"))
@@ -107,11 +108,12 @@ pub fn finetune_command() -> Command {
         .arg(num::<f64>("lr", "peak learning rate (default 5e-5)"))
         .arg(num::<f64>("weight-decay", "AdamW weight decay (default 0.01)"))
         .arg(num::<f64>("warmup-ratio", "fraction of steps warming up (default 0.1)"))
-        .arg(Arg::new("schedule").long("schedule").value_parser(["linear", "cosine", "constant"]))
+        .arg(Arg::new("schedule").long("schedule").value_parser(["linear", "cosine", "constant", "one-cycle"]).help("lr after warmup: linear (default), cosine, constant, or one-cycle (OneCycleLR; --warmup-ratio is its pct_start)"))
         .arg(num::<usize>("max-length", "tokens per row after truncation (default 128)"))
         .arg(num::<u64>("seed", "seed of data order, dropout and new weights (default 42)"))
         .arg(num::<usize>("eval-every", "evaluate every N steps (default: each epoch)"))
         .arg(num::<usize>("early-stopping", "stop after N evaluations without improvement"))
+        .arg(num::<usize>("save-every", "also checkpoint every N optimizer steps (default: each epoch end); a killed run resumes from the last one"))
         .arg(Arg::new("metric").long("metric").help("metric that picks the best model (default accuracy)"))
         .arg(
             Arg::new("prompt-column")
@@ -136,6 +138,12 @@ pub fn finetune_command() -> Command {
                 .long("no-progress")
                 .action(ArgAction::SetTrue)
                 .help("no progress bar"),
+        )
+        .arg(
+            Arg::new("find-lr")
+                .long("find-lr")
+                .action(ArgAction::SetTrue)
+                .help("run the LR range test (1e-7 to 10 over 100 steps), print the suggested lr and the table, write lr_finder.png to --out, and exit"),
         )
         .arg(
             Arg::new("fresh")
@@ -164,7 +172,7 @@ pub fn eval_command() -> Command {
 /// The `predict` command.
 pub fn predict_command() -> Command {
     Command::new("predict")
-        .about("Labels and probabilities from a fine-tuned classifier, one JSON line per text")
+        .about("Labels and probabilities from a fine-tuned classifier (values from a regression model), one JSON line per text")
         .arg(path_arg("model", "a directory written by kiln finetune").required(true))
         .arg(Arg::new("texts").num_args(0..).help("texts to classify"))
         .arg(path_arg(
@@ -260,6 +268,9 @@ pub fn run_finetune(m: &ArgMatches) -> Result<(), Error> {
     if let Some(v) = get(m, "limit") {
         d.limit = Some(v);
     }
+    if let Some(v) = get::<String>(m, "task") {
+        d.task = Task::parse(&v)?;
+    }
     if let Some(v) = get::<String>(m, "text") {
         d.text = v;
     }
@@ -276,6 +287,27 @@ pub fn run_finetune(m: &ArgMatches) -> Result<(), Error> {
         let _ = std::fs::remove_file(recipe.out.join("metrics.jsonl"));
     }
     let strategy = recipe.strategy()?;
+    if m.get_flag("find-lr") {
+        eprintln!(
+            "kiln finetune --find-lr: {} on {} with {}",
+            recipe.model.display(),
+            recipe.data.train.display(),
+            strategy.describe()
+        );
+        let found = recipe.find_lr()?;
+        let mut out = std::io::stdout().lock();
+        write!(out, "{}", found.table())?;
+        if found.diverged {
+            writeln!(
+                out,
+                "the loss diverged at lr {:.3e}",
+                found.lrs.last().copied().unwrap_or(f64::NAN)
+            )?;
+        }
+        writeln!(out, "suggested lr: {:.3e}", found.suggestion)?;
+        writeln!(out, "plot: {}", recipe.out.join("lr_finder.png").display())?;
+        return Ok(());
+    }
     eprintln!(
         "kiln finetune: {} on {} with {} → {}",
         recipe.model.display(),
@@ -293,11 +325,13 @@ pub fn run_finetune(m: &ArgMatches) -> Result<(), Error> {
     for (k, v) in &report.valid {
         writeln!(out, "validation {k}: {v:.4}")?;
     }
-    writeln!(
-        out,
-        "{}",
-        kiln::tune::metrics::confusion_table(&report.labels, &report.confusion)
-    )?;
+    if !report.labels.is_empty() {
+        writeln!(
+            out,
+            "{}",
+            kiln::tune::metrics::confusion_table(&report.labels, &report.confusion)
+        )?;
+    }
     writeln!(out, "saved to {}", report.out.display())?;
     Ok(())
 }
@@ -310,6 +344,11 @@ fn run_finetune_causal(m: &ArgMatches) -> Result<(), Error> {
                 "--{flag} is for classification; causal-lm reads --prompt-column and --response-column"
             )
             .into());
+        }
+    }
+    for flag in ["pooling", "find-lr"] {
+        if m.value_source(flag) == Some(clap::parser::ValueSource::CommandLine) {
+            return Err(format!("--{flag} is for classification and regression").into());
         }
     }
     let mut recipe = match get::<PathBuf>(m, "recipe") {
@@ -470,6 +509,7 @@ fn apply_train_flags(m: &ArgMatches, t: &mut TrainConfig) -> Result<(), Error> {
         t.schedule = match v.as_str() {
             "cosine" => Schedule::Cosine,
             "constant" => Schedule::Constant,
+            "one-cycle" => Schedule::OneCycle,
             _ => Schedule::Linear,
         };
     }
@@ -484,6 +524,9 @@ fn apply_train_flags(m: &ArgMatches, t: &mut TrainConfig) -> Result<(), Error> {
     }
     if let Some(v) = get(m, "early-stopping") {
         t.early_stopping = Some(v);
+    }
+    if let Some(v) = get(m, "save-every") {
+        t.checkpoint_every = Some(v);
     }
     if let Some(v) = get::<String>(m, "metric") {
         t.metric = Metric::parse(&v)?;
@@ -511,12 +554,23 @@ pub fn run_eval(m: &ArgMatches) -> Result<(), Error> {
         cols.label = v;
     }
     let labels = model.labels().to_vec();
-    let ds = TextDataset::from_file_with_classes(&data, &cols, &labels)?;
+    let regression = is_regression_model(&dir)?;
+    let ds = if regression {
+        TextDataset::from_file_regression(&data, &cols)?
+    } else {
+        TextDataset::from_file_with_classes(&data, &cols, &labels)?
+    };
     let max_len = get(m, "max-length").unwrap_or(128);
     let batch = get(m, "batch-size").unwrap_or(64);
     let state = evaluate(&model, &tokenizer, &ds, batch, max_len)?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "rows: {}", ds.len())?;
+    if regression {
+        for (k, v) in state.report(&[Metric::Mse, Metric::Mae]) {
+            writeln!(out, "{k}: {v:.4}")?;
+        }
+        return Ok(());
+    }
     let metrics = [
         Metric::Accuracy,
         Metric::MacroF1,
@@ -554,6 +608,17 @@ pub fn run_predict(m: &ArgMatches) -> Result<(), Error> {
         indicatif::ProgressBar::hidden()
     };
     let mut out = std::io::stdout().lock();
+    if is_regression_model(&dir)? {
+        for chunk in texts.chunks(batch) {
+            let values = predict_values(&model, &tokenizer, chunk, batch, max_len)?;
+            for (text, v) in chunk.iter().zip(values) {
+                writeln!(out, "{}", serde_json::json!({"text": text, "value": v}))?;
+            }
+            bar.inc(chunk.len() as u64);
+        }
+        bar.finish_and_clear();
+        return Ok(());
+    }
     for chunk in texts.chunks(batch) {
         for (text, p) in chunk
             .iter()
