@@ -1066,7 +1066,11 @@ impl BertForSequenceClassification {
             ClassifierPooling::Mean => {
                 let out = self.bert.forward(input_ids, attention_mask, token_type_ids);
                 let mean = mean_pooling(&out.last_hidden_state, attention_mask);
-                let pooler = self.bert.pooler.as_ref().expect("the classifier has a pooler");
+                let pooler = self
+                    .bert
+                    .pooler
+                    .as_ref()
+                    .expect("the classifier has a pooler");
                 pooler.forward(&mean.unsqueeze(1))
             }
         };
@@ -1417,7 +1421,10 @@ mod tests {
         assert_eq!(json["classifier_pooling"], "mean");
         let back = BertConfig::from_json_str(&json.to_string(), "c").unwrap();
         assert_eq!(back.classifier_pooling, ClassifierPooling::Mean);
-        assert!(tiny().to_json_value(None).get("classifier_pooling").is_none());
+        assert!(tiny()
+            .to_json_value(None)
+            .get("classifier_pooling")
+            .is_none());
     }
 
     #[test]

@@ -22,8 +22,8 @@ pub mod llama;
 pub mod remap;
 
 pub use bert::{
-    l2_normalize, mean_pooling, BertConfig, BertForSequenceClassification, ClassifierPooling,
-    BertForTokenClassification, BertModel, BertOutput, HiddenAct, LoadOptions,
+    l2_normalize, mean_pooling, BertConfig, BertForSequenceClassification,
+    BertForTokenClassification, BertModel, BertOutput, ClassifierPooling, HiddenAct, LoadOptions,
 };
 pub use config::HfConfig;
 pub use error::ModelError;

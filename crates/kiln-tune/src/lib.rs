@@ -28,7 +28,7 @@ pub use lora::{
 pub use lr_finder::{find_lr, suggest_lr, LrFinderConfig, LrFinderResult};
 pub use method::{methods, MethodFn, Methods};
 pub use metrics::{Metric, MetricState};
-pub use recipe::{is_regression_model, predict_values, DataSpec, Recipe, RecipeReport, Task};
+pub use recipe::{is_regression_model, predict_values, DataSpec, Recipe, RecipeReport, TaskKind};
 pub use save::{load_classifier, predict, save_classifier, Prediction};
 pub use strategy::{Method, Plan, Strategy};
 pub use trainer::{

@@ -115,7 +115,7 @@ impl LrFinderConfig {
         if !(0.0..1.0).contains(&self.smooth) {
             return bad("smooth", format!("must be in [0, 1), got {}", self.smooth));
         }
-        if !(self.diverge > 1.0) {
+        if self.diverge.is_nan() || self.diverge <= 1.0 {
             return bad("diverge", format!("must be above 1, got {}", self.diverge));
         }
         if self.batch_size == 0 {

@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 /// What the model learns from the label column.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Task {
+pub enum TaskKind {
     /// Regression when every training label is a number and one of them is not an integer
     /// (`0.5`, `3.25`), classification otherwise (so `0`/`1` labels are classes).
     #[default]
@@ -51,13 +51,13 @@ pub enum Task {
     Regression,
 }
 
-impl Task {
+impl TaskKind {
     /// Parses `auto`, `classification` or `regression`.
-    pub fn parse(name: &str) -> Result<Task> {
+    pub fn parse(name: &str) -> Result<TaskKind> {
         match name.trim().to_ascii_lowercase().as_str() {
-            "auto" => Ok(Task::Auto),
-            "classification" | "classify" => Ok(Task::Classification),
-            "regression" => Ok(Task::Regression),
+            "auto" => Ok(TaskKind::Auto),
+            "classification" | "classify" => Ok(TaskKind::Classification),
+            "regression" => Ok(TaskKind::Regression),
             other => Err(TuneError::config(
                 "task",
                 format!("unknown task `{other}` (known: auto, classification, regression)"),
@@ -105,7 +105,7 @@ pub struct DataSpec {
     pub limit: Option<usize>,
     /// Classification, regression, or decided from the labels (default auto).
     #[serde(default)]
-    pub task: Task,
+    pub task: TaskKind,
 }
 
 fn default_valid_ratio() -> f64 {
@@ -130,7 +130,7 @@ impl DataSpec {
             text_pair: None,
             label: default_label(),
             limit: None,
-            task: Task::Auto,
+            task: TaskKind::Auto,
         }
     }
 
@@ -144,13 +144,13 @@ impl DataSpec {
     }
 
     /// Reads and splits the data: `(train, valid)`, as classes or as real values (see
-    /// [`Task`]).
+    /// [`TaskKind`]).
     pub fn load(&self) -> Result<(TextDataset, TextDataset)> {
         let cols = self.columns();
         let all = match self.task {
-            Task::Regression => TextDataset::from_file_regression(&self.train, &cols)?,
-            Task::Classification => TextDataset::from_file(&self.train, &cols)?,
-            Task::Auto => {
+            TaskKind::Regression => TextDataset::from_file_regression(&self.train, &cols)?,
+            TaskKind::Classification => TextDataset::from_file(&self.train, &cols)?,
+            TaskKind::Auto => {
                 let all = TextDataset::from_file(&self.train, &cols)?;
                 if numeric_labels(all.classes()) {
                     TextDataset::from_file_regression(&self.train, &cols)?

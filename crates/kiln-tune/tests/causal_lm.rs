@@ -98,7 +98,11 @@ fn lora_teaches_smollm2_a_new_fact() {
         .filter(|r| r.response.contains(TAUGHT))
         .cloned()
         .collect();
-    assert!(capital_rows.len() >= 8, "{} capital rows", capital_rows.len());
+    assert!(
+        capital_rows.len() >= 8,
+        "{} capital rows",
+        capital_rows.len()
+    );
     let capital = InstructionDataset::from_rows(capital_rows, "capital rows").unwrap();
     let data = CausalLmData::tokenize(&capital, &tok.tokenizer, &format, 128).unwrap();
     let lora: toml::Table = toml::from_str(

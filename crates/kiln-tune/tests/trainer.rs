@@ -466,7 +466,7 @@ fn lr_finder_sweeps_suggests_and_restores_the_model() {
     assert!(m.classifier.weight.grad().is_none());
     // An exponential sweep from start_lr, stopped by the divergence rule.
     let n = found.lrs.len();
-    assert!(n >= 3 && n <= 60);
+    assert!((3..=60).contains(&n), "{n} sweep steps");
     for (i, lr) in found.lrs.iter().enumerate() {
         assert_eq!(*lr, config.lr_at(i));
     }
@@ -518,7 +518,7 @@ fn regression_csv(path: &std::path::Path, rows: usize) {
 
 #[test]
 fn a_recipe_on_real_valued_labels_trains_a_regression_head() {
-    use kiln_tune::{is_regression_model, predict_values, DataSpec, Recipe, Task};
+    use kiln_tune::{is_regression_model, predict_values, DataSpec, Recipe, TaskKind};
     let root = temp_dir("regression");
     std::fs::create_dir_all(&root).unwrap();
     let base = root.join("base");
@@ -544,7 +544,7 @@ fn a_recipe_on_real_valued_labels_trains_a_regression_head() {
         lr: 1e-2,
         ..TrainConfig::default()
     });
-    assert_eq!(recipe.data.task, Task::Auto);
+    assert_eq!(recipe.data.task, TaskKind::Auto);
     let report = recipe.run().unwrap();
     assert!(report.labels.is_empty() && report.confusion.is_empty());
     let keys: Vec<&str> = report.valid.keys().map(|k| k.as_str()).collect();
@@ -598,7 +598,7 @@ fn a_recipe_on_real_valued_labels_trains_a_regression_head() {
     let (train, _) = DataSpec::new(&ints).load().unwrap();
     assert_eq!(train.classes(), ["0", "1"]);
     let spec = DataSpec {
-        task: Task::Regression,
+        task: TaskKind::Regression,
         ..DataSpec::new(&ints)
     };
     assert!(spec.load().unwrap().0.classes().is_empty());

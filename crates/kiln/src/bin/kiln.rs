@@ -155,9 +155,10 @@ fn run_generate(m: &ArgMatches) -> Result<(), Error> {
         // A directory in Hugging Face layout (e.g. a merged `kiln finetune --task causal-lm`
         // output): f32 weights as saved, the tokenizer and chat template from its files.
         let model = LlamaForCausalLM::from_pretrained(path)?;
-        let tok = model.tokenizer.clone().ok_or_else(|| {
-            format!("{}: no tokenizer.json next to the model", path.display())
-        })?;
+        let tok = model
+            .tokenizer
+            .clone()
+            .ok_or_else(|| format!("{}: no tokenizer.json next to the model", path.display()))?;
         let template = tok.template()?;
         (model, tok.tokenizer, template)
     } else {

@@ -6,7 +6,7 @@ use kiln::tune::causal::{CausalRecipe, InstructionSpec};
 use kiln::tune::data::{Columns, TextDataset};
 use kiln::tune::{
     evaluate, is_regression_model, load_classifier, predict, predict_values, DataSpec, Metric,
-    Recipe, Schedule, Task, TrainConfig,
+    Recipe, Schedule, TaskKind, TrainConfig,
 };
 use std::io::Write;
 use std::path::PathBuf;
@@ -269,7 +269,7 @@ pub fn run_finetune(m: &ArgMatches) -> Result<(), Error> {
         d.limit = Some(v);
     }
     if let Some(v) = get::<String>(m, "task") {
-        d.task = Task::parse(&v)?;
+        d.task = TaskKind::parse(&v)?;
     }
     if let Some(v) = get::<String>(m, "text") {
         d.text = v;
