@@ -105,6 +105,54 @@ fn embed_writes_one_unit_vector_per_text() {
 }
 
 #[test]
+fn embed_equals_sentence_transformers() {
+    // The committed fixture of scripts/make_bert_fixtures.py: sentence-transformers' embeddings.
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../kiln-models/tests/fixtures/minilm.json"
+    );
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let sentences: Vec<&str> = fx["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .take(3)
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    let expected: Vec<f64> = fx["sentence_embeddings"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let dir = minilm_dir().unwrap();
+    let mut args = vec!["embed", "--model", dir.to_str().unwrap()];
+    args.extend(&sentences);
+    let out = kiln(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got: Vec<f64> = text(&out.stdout)
+        .lines()
+        .flat_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(got.len(), 3 * 384);
+    let diff = got
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(diff < 1e-4, "max abs diff {diff} against sentence-transformers");
+}
+
+#[test]
 fn inspect_describes_gguf_and_safetensors() {
     let out = kiln(&["inspect", &gguf()]);
     let s = text(&out.stdout);

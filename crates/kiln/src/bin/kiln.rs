@@ -265,6 +265,7 @@ fn run_embed(m: &ArgMatches) -> Result<(), Error> {
     }
     let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
     let model = BertModel::from_pretrained(dir)?;
+    kiln::nn::ModuleExt::eval(&model); // no dropout: embeddings are deterministic
     let _guard = no_grad();
     let max_len = model.config().max_position_embeddings;
     let opts = EncodeOptions::default()
