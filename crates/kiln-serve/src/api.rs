@@ -131,34 +131,45 @@ pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             "the request body is empty; expected a JSON object",
         ));
     }
+    // serde would also read a struct from an array of its fields: only objects are requests.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(match serde_json::from_slice::<Value>(body) {
+            Err(e) => ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")),
+            Ok(v) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the request body must be a JSON object, got {}",
+                    type_name(&v)
+                ),
+            ),
+        });
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
-    let value = serde_path_to_error::deserialize(&mut de).and_then(|v| {
+    let value: Result<T, _> = serde_path_to_error::deserialize(&mut de);
+    if value.is_ok() {
         de.end()
-            .map_err(|e| serde_path_to_error::Error::new(Default::default(), e))?;
-        Ok(v)
-    });
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")))?;
+    }
     value.map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let msg = inner.to_string();
         if inner.is_syntax() || inner.is_eof() {
-            return ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("malformed JSON: {msg}"),
-            );
+            return ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON: {msg}"));
         }
         if let Some(field) = msg
             .strip_prefix("unknown field `")
             .and_then(|r| r.split('`').next())
         {
-            let at = if path == "." {
-                String::new()
+            // The path ends with the unknown field itself.
+            let name = if path == "." {
+                field.to_string()
             } else {
-                format!("{path}.")
+                path.clone()
             };
             return ApiError::bad_field(
-                format!("{at}{field}"),
-                format!("unknown field `{at}{field}`: {}", strip_position(&msg)),
+                name.clone(),
+                format!("unknown field `{name}`: {}", strip_position(&msg)),
             );
         }
         if let Some(field) = msg
@@ -237,10 +248,9 @@ pub fn texts(input: &Value, max_texts: usize) -> Result<Vec<String>, ApiError> {
 /// The prompt of a completion: a non-empty string.
 pub fn prompt(v: &Value) -> Result<String, ApiError> {
     match v {
-        Value::String(s) if s.is_empty() => Err(ApiError::bad_field(
-            "prompt",
-            "prompt must not be empty",
-        )),
+        Value::String(s) if s.is_empty() => {
+            Err(ApiError::bad_field("prompt", "prompt must not be empty"))
+        }
         Value::String(s) => Ok(s.clone()),
         Value::Array(a) if a.len() == 1 && a[0].is_string() => prompt(&a[0]),
         other => Err(ApiError::bad_field(
@@ -275,7 +285,10 @@ pub fn messages(v: &Value) -> Result<Vec<ChatMessage>, ApiError> {
                     format!("messages[{i}] must be an object, got {}", type_name(m)),
                 ));
             };
-            if let Some(k) = o.keys().find(|k| !matches!(k.as_str(), "role" | "content" | "name")) {
+            if let Some(k) = o
+                .keys()
+                .find(|k| !matches!(k.as_str(), "role" | "content" | "name"))
+            {
                 return Err(ApiError::bad_field(
                     at(k),
                     format!("unknown field `{}` (expected role, content, name)", at(k)),
@@ -288,7 +301,10 @@ pub fn messages(v: &Value) -> Result<Vec<ChatMessage>, ApiError> {
                 Some(Value::String(r)) => {
                     return Err(ApiError::bad_field(
                         at("role"),
-                        format!("{} must be system, user or assistant, got {r:?}", at("role")),
+                        format!(
+                            "{} must be system, user or assistant, got {r:?}",
+                            at("role")
+                        ),
                     ))
                 }
                 Some(other) => {
@@ -309,7 +325,11 @@ pub fn messages(v: &Value) -> Result<Vec<ChatMessage>, ApiError> {
                 Some(other) => {
                     return Err(ApiError::bad_field(
                         at("content"),
-                        format!("{} must be a string, got {}", at("content"), type_name(other)),
+                        format!(
+                            "{} must be a string, got {}",
+                            at("content"),
+                            type_name(other)
+                        ),
                     ))
                 }
                 None => {
@@ -337,7 +357,11 @@ pub struct GenerationParams {
 
 /// Checks `s`: `max_tokens` in 1..=`cap` (422 above), temperature ≥ 0, top_p in (0, 1],
 /// top_k ≥ 1, repetition_penalty > 0, stop a string or ≤ 4 non-empty strings, n = 1.
-pub fn generation(s: &Sampling, default_max: usize, cap: usize) -> Result<GenerationParams, ApiError> {
+pub fn generation(
+    s: &Sampling,
+    default_max: usize,
+    cap: usize,
+) -> Result<GenerationParams, ApiError> {
     let max_tokens = match s.max_tokens {
         None => default_max.min(cap),
         Some(n) if n < 1 => {
@@ -423,7 +447,11 @@ pub fn generation(s: &Sampling, default_max: usize, cap: usize) -> Result<Genera
                     format!("stop[{i}]"),
                     format!(
                         "stop[{i}] must be a non-empty string, got {}",
-                        if other.is_string() { "\"\"" } else { type_name(other) }
+                        if other.is_string() {
+                            "\"\""
+                        } else {
+                            type_name(other)
+                        }
                     ),
                 )),
             })
@@ -431,7 +459,10 @@ pub fn generation(s: &Sampling, default_max: usize, cap: usize) -> Result<Genera
         Some(other) => {
             return Err(ApiError::bad_field(
                 "stop",
-                format!("stop must be a string or an array of strings, got {}", type_name(other)),
+                format!(
+                    "stop must be a string or an array of strings, got {}",
+                    type_name(other)
+                ),
             ))
         }
     };
@@ -459,7 +490,9 @@ mod tests {
         assert!(e.message.starts_with("malformed JSON"), "{e}");
         let e = err(parse::<ClassifyRequest>(b"  "));
         assert!(e.message.contains("empty"), "{e}");
-        let e = err(parse::<ClassifyRequest>(b"{\"input\": \"a\", \"inptu\": 1}"));
+        let e = err(parse::<ClassifyRequest>(
+            b"{\"input\": \"a\", \"inptu\": 1}",
+        ));
         assert_eq!(e.param.as_deref(), Some("inptu"), "{e}");
         let e = err(parse::<ClassifyRequest>(b"{}"));
         assert_eq!(e.param.as_deref(), Some("input"), "{e}");
@@ -467,9 +500,13 @@ mod tests {
             b"{\"prompt\": \"a\", \"temperature\": \"hot\"}",
         ));
         assert_eq!(e.param.as_deref(), Some("temperature"), "{e}");
-        let e = err(parse::<CompletionRequest>(b"{\"prompt\": \"a\", \"frob\": 1}"));
+        let e = err(parse::<CompletionRequest>(
+            b"{\"prompt\": \"a\", \"frob\": 1}",
+        ));
         assert_eq!(e.param.as_deref(), Some("frob"), "{e}");
-        let e = err(parse::<CompletionRequest>(b"{\"prompt\": \"a\", \"seed\": -1}"));
+        let e = err(parse::<CompletionRequest>(
+            b"{\"prompt\": \"a\", \"seed\": -1}",
+        ));
         assert_eq!(e.param.as_deref(), Some("seed"), "{e}");
         let e = err(parse::<ClassifyRequest>(b"[1, 2]"));
         assert!(e.message.contains("must be a JSON object"), "{e}");
@@ -488,10 +525,12 @@ mod tests {
         let e = err(texts(&serde_json::json!(["a", 3]), 4));
         assert_eq!(e.param.as_deref(), Some("input[1]"));
         assert!(e.message.contains("must be a string, got a number"), "{e}");
-        assert!(err(texts(&serde_json::json!([]), 4)).message.contains("empty"));
+        assert!(err(texts(&serde_json::json!([]), 4))
+            .message
+            .contains("empty"));
         assert!(err(texts(&"".into(), 4)).message.contains("empty"));
         assert!(err(texts(&Value::Null, 4)).message.contains("got null"));
-        let e = err(texts(&serde_json::json!(["a"; 5]), 4));
+        let e = err(texts(&serde_json::json!(vec!["a"; 5]), 4));
         assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
     }
 
@@ -519,7 +558,10 @@ mod tests {
             max_tokens: Some(-3),
             ..Default::default()
         });
-        assert_eq!((e.param.as_deref(), e.status.as_u16()), (Some("max_tokens"), 400));
+        assert_eq!(
+            (e.param.as_deref(), e.status.as_u16()),
+            (Some("max_tokens"), 400)
+        );
         let e = bad(Sampling {
             max_tokens: Some(33),
             ..Default::default()
@@ -531,12 +573,48 @@ mod tests {
         });
         assert_eq!(e.param.as_deref(), Some("temperature"));
         for (s, field) in [
-            (Sampling { top_k: Some(0), ..Default::default() }, "top_k"),
-            (Sampling { repetition_penalty: Some(0.0), ..Default::default() }, "repetition_penalty"),
-            (Sampling { n: Some(2), ..Default::default() }, "n"),
-            (Sampling { stop: Some(serde_json::json!(["a", "b", "c", "d", "e"])), ..Default::default() }, "stop"),
-            (Sampling { stop: Some(serde_json::json!([""])), ..Default::default() }, "stop[0]"),
-            (Sampling { stop: Some(serde_json::json!(5)), ..Default::default() }, "stop"),
+            (
+                Sampling {
+                    top_k: Some(0),
+                    ..Default::default()
+                },
+                "top_k",
+            ),
+            (
+                Sampling {
+                    repetition_penalty: Some(0.0),
+                    ..Default::default()
+                },
+                "repetition_penalty",
+            ),
+            (
+                Sampling {
+                    n: Some(2),
+                    ..Default::default()
+                },
+                "n",
+            ),
+            (
+                Sampling {
+                    stop: Some(serde_json::json!(["a", "b", "c", "d", "e"])),
+                    ..Default::default()
+                },
+                "stop",
+            ),
+            (
+                Sampling {
+                    stop: Some(serde_json::json!([""])),
+                    ..Default::default()
+                },
+                "stop[0]",
+            ),
+            (
+                Sampling {
+                    stop: Some(serde_json::json!(5)),
+                    ..Default::default()
+                },
+                "stop",
+            ),
         ] {
             assert_eq!(bad(s).param.as_deref(), Some(field));
         }
@@ -550,14 +628,26 @@ mod tests {
             (serde_json::json!([]), "messages"),
             (serde_json::json!("hi"), "messages"),
             (serde_json::json!([1]), "messages[0]"),
-            (serde_json::json!([{"role": "robot", "content": "x"}]), "messages[0].role"),
+            (
+                serde_json::json!([{"role": "robot", "content": "x"}]),
+                "messages[0].role",
+            ),
             (serde_json::json!([{"role": "user"}]), "messages[0].content"),
-            (serde_json::json!([{"role": "user", "content": 1}]), "messages[0].content"),
-            (serde_json::json!([{"role": "user", "content": "x", "x": 1}]), "messages[0].x"),
+            (
+                serde_json::json!([{"role": "user", "content": 1}]),
+                "messages[0].content",
+            ),
+            (
+                serde_json::json!([{"role": "user", "content": "x", "x": 1}]),
+                "messages[0].x",
+            ),
         ] {
             assert_eq!(err(messages(&v)).param.as_deref(), Some(field), "{v}");
         }
         assert!(prompt(&serde_json::json!(["one"])).is_ok());
-        assert_eq!(err(prompt(&serde_json::json!(3))).param.as_deref(), Some("prompt"));
+        assert_eq!(
+            err(prompt(&serde_json::json!(3))).param.as_deref(),
+            Some("prompt")
+        );
     }
 }

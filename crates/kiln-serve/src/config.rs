@@ -169,7 +169,12 @@ mod tests {
         assert_eq!((c.max_batch, c.queue), (16, 256));
         assert_eq!(c.max_wait, Duration::from_millis(5));
         assert!(c.batching && c.validate().is_ok());
-        let c = c.port(0).max_batch(4).max_wait_ms(9).queue(2).batching(false);
+        let c = c
+            .port(0)
+            .max_batch(4)
+            .max_wait_ms(9)
+            .queue(2)
+            .batching(false);
         assert_eq!((c.port, c.max_batch, c.queue), (0, 4, 2));
         assert_eq!(c.max_wait, Duration::from_millis(9));
         assert!(!c.batching);

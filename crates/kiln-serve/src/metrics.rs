@@ -173,7 +173,10 @@ impl Metrics {
             .unwrap_or_else(|e| e.into_inner())
             .render(&mut out, "kiln_batch_size", "");
         let gauge = |out: &mut String, name: &str, kind: &str, help: &str, v: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
         };
         gauge(
             &mut out,

@@ -12,6 +12,7 @@ use kiln_models::{
     generate, BertForSequenceClassification, BertModel, Generated, GenerationConfig,
     LlamaForCausalLM, QuantActivations,
 };
+use kiln_nn::ModuleExt;
 use std::path::Path;
 
 /// What a served model can do.
@@ -251,8 +252,8 @@ pub fn load_model(path: &Path, name: Option<&str>) -> Result<LoadedModel, ServeE
     let config_path = path.join("config.json");
     let text = std::fs::read_to_string(&config_path)
         .map_err(|e| err(format!("config.json: {e} (a model directory needs one)")))?;
-    let config: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| err(format!("config.json: invalid JSON: {e}")))?;
+    let config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| err(format!("config.json: invalid JSON: {e}")))?;
     let model_type = config["model_type"].as_str().unwrap_or("");
     let archs: Vec<&str> = config["architectures"]
         .as_array()
@@ -262,7 +263,9 @@ pub fn load_model(path: &Path, name: Option<&str>) -> Result<LoadedModel, ServeE
     let tokenizer = || {
         let p = path.join("tokenizer.json");
         if !p.is_file() {
-            return Err(err("tokenizer.json: not found (the model's tokenizer)".into()));
+            return Err(err(
+                "tokenizer.json: not found (the model's tokenizer)".into()
+            ));
         }
         Tokenizer::from_file(&p).map_err(|e| err(e.to_string()))
     };
@@ -291,6 +294,8 @@ pub fn load_model(path: &Path, name: Option<&str>) -> Result<LoadedModel, ServeE
     if model_type == "bert" || arch("BertModel") {
         let tokenizer = tokenizer()?;
         let model = BertModel::from_pretrained(path).map_err(|e| err(e.to_string()))?;
+        // Loaded models start in training mode: dropout would make answers random.
+        model.eval();
         let info = ModelInfo {
             name,
             kind: ModelKind::Embedder,
@@ -314,6 +319,7 @@ pub fn load_model(path: &Path, name: Option<&str>) -> Result<LoadedModel, ServeE
 }
 
 fn llama(model: LlamaForCausalLM, name: String) -> Result<LoadedModel, String> {
+    model.eval();
     let tok = model.tokenizer.clone().ok_or_else(|| {
         "the model has no tokenizer (a GGUF with a byte-level BPE tokenizer, or a directory with \
          tokenizer.json, is needed)"

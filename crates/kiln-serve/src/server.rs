@@ -4,7 +4,7 @@ use crate::api::{self, ChatRequest, ClassifyRequest, CompletionRequest, Embeddin
 use crate::config::ServeConfig;
 use crate::error::{ApiError, ServeError};
 use crate::metrics::Metrics;
-use crate::model::{LoadedModel, ModelInfo, ModelKind};
+use crate::model::{LoadedModel, ModelInfo};
 use crate::worker::{self, GenEvent, Job, Queue, WorkerConfig};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -53,7 +53,10 @@ impl AppState {
                     ),
                 )
             } else {
-                ApiError::new(status, format!("cannot read the request body: {}", r.body_text()))
+                ApiError::new(
+                    status,
+                    format!("cannot read the request body: {}", r.body_text()),
+                )
             }
         })
     }
@@ -154,7 +157,10 @@ async fn models(State(st): State<Shared>) -> Json<Value> {
 
 async fn metrics(State(st): State<Shared>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         st.metrics.render(),
     )
         .into_response()
@@ -184,10 +190,13 @@ async fn classify(
         .enumerate()
         .map(|(i, row)| {
             // First maximum wins, as kiln_tune::predict.
-            let (best, score) = row.iter().enumerate().fold(
-                (0, f64::NEG_INFINITY),
-                |a, (i, &p)| if p > a.1 { (i, p) } else { a },
-            );
+            let (best, score) =
+                row.iter()
+                    .enumerate()
+                    .fold(
+                        (0, f64::NEG_INFINITY),
+                        |a, (i, &p)| if p > a.1 { (i, p) } else { a },
+                    );
             let probabilities: serde_json::Map<String, Value> = labels
                 .iter()
                 .zip(row)
@@ -329,11 +338,7 @@ async fn run_generation(
     sampling: &api::Sampling,
     flavor: Flavor,
 ) -> Result<Response, ApiError> {
-    let mut params = api::generation(
-        sampling,
-        st.config.default_max_tokens,
-        st.config.max_tokens,
-    )?;
+    let mut params = api::generation(sampling, st.config.default_max_tokens, st.config.max_tokens)?;
     let prompt = st
         .info
         .tokenizer
@@ -761,6 +766,7 @@ impl Drop for BackgroundServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ModelKind;
 
     #[test]
     fn base64_matches_the_standard_alphabet_and_padding() {

@@ -14,6 +14,7 @@ use kiln_models::{
     generate, BertForSequenceClassification, BertModel, Generated, GenerationConfig,
     LlamaForCausalLM, LoadOptions, QuantActivations, StopReason,
 };
+use kiln_nn::ModuleExt;
 use kiln_serve::{
     load_model, Backend, BackgroundServer, LoadedModel, ModelInfo, ModelKind, ServeConfig,
 };
@@ -52,7 +53,8 @@ fn classifier_dir() -> &'static PathBuf {
             .seed(7);
         let (model, _) = BertForSequenceClassification::from_pretrained_with(&minilm, &opts)
             .expect("MiniLM as a classifier");
-        let dir = std::env::temp_dir().join(format!("kiln-serve-clf-{}", std::process::id()));
+        // A fixed place under the target directory: each run overwrites it, none piles up.
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kiln-serve-classifier");
         kiln_tune::save_classifier(&model, &minilm.join("tokenizer.json"), &dir)
             .expect("save_classifier");
         dir
@@ -133,7 +135,10 @@ fn assert_classified(answer: &Value, texts: &[&str]) {
     for (i, (d, p)) in data.iter().zip(&want).enumerate() {
         assert_eq!(d["index"], i);
         assert_eq!(d["label"], p.label.as_str(), "{d}");
-        assert!((d["score"].as_f64().unwrap() - p.score).abs() < 1e-5, "{d} vs {p:?}");
+        assert!(
+            (d["score"].as_f64().unwrap() - p.score).abs() < 1e-5,
+            "{d} vs {p:?}"
+        );
         for (label, prob) in &p.probabilities {
             let got = d["probabilities"][label].as_f64().unwrap();
             assert!((got - prob).abs() < 1e-5, "{label}: {got} vs {prob}");
@@ -160,7 +165,10 @@ fn assert_error(r: &Resp, status: u16, param: Option<&str>, needle: &str) {
 fn metric(addr: SocketAddr, line_start: &str) -> f64 {
     let text = get(addr, "/metrics").text();
     text.lines()
-        .find_map(|l| l.strip_prefix(line_start).map(|v| v.trim().parse::<f64>().unwrap()))
+        .find_map(|l| {
+            l.strip_prefix(line_start)
+                .map(|v| v.trim().parse::<f64>().unwrap())
+        })
         .unwrap_or_else(|| panic!("no metric {line_start}\n{text}"))
 }
 
@@ -168,7 +176,11 @@ fn metric(addr: SocketAddr, line_start: &str) -> f64 {
 
 #[test]
 fn classify_answers_equal_predict() {
-    let r = post(clf(), "/v1/classify", &json!({"input": "a wonderful, moving film"}));
+    let r = post(
+        clf(),
+        "/v1/classify",
+        &json!({"input": "a wonderful, moving film"}),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_classified(&r.json(), &["a wonderful, moving film"]);
     let texts = ["terrible.", "I loved every minute of it", "meh"];
@@ -237,7 +249,10 @@ fn dynamic_batching_merges_concurrent_requests_and_can_be_switched_off() {
         let rows = metric(addr, "kiln_batch_size_sum ");
         assert_eq!(rows, 8.0);
         if batching {
-            assert!(calls < 8.0, "batching on: {calls} model calls for 8 requests");
+            assert!(
+                calls < 8.0,
+                "batching on: {calls} model calls for 8 requests"
+            );
         } else {
             assert_eq!(calls, 8.0, "batching off: one call per request");
         }
@@ -249,8 +264,11 @@ fn embed_direct(texts: &[&str]) -> Vec<Vec<f32>> {
     let dir = minilm_dir().unwrap();
     let tok = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     let model = BertModel::from_pretrained(&dir).unwrap();
+    model.eval();
     let _g = no_grad();
-    let opts = EncodeOptions::default().padding(Padding::Longest).truncation(512);
+    let opts = EncodeOptions::default()
+        .padding(Padding::Longest)
+        .truncation(512);
     let b = tok.encode_batch(texts, &opts).unwrap();
     let e = model.sentence_embeddings(
         &b.input_ids,
@@ -275,7 +293,9 @@ fn decode_b64(s: &str) -> Vec<f32> {
         let n = q
             .iter()
             .take_while(|&&c| c != b'=')
-            .fold((0u32, 0), |(n, k), &c| (n | (val(c) as u32) << (18 - 6 * k), k + 1));
+            .fold((0u32, 0), |(n, k), &c| {
+                (n | (val(c) as u32) << (18 - 6 * k), k + 1)
+            });
         let got = q.iter().filter(|&&c| c != b'=').count() - 1;
         for k in 0..got {
             bytes.push((n.0 >> (16 - 8 * k)) as u8);
@@ -298,13 +318,23 @@ fn embeddings_have_the_openai_shape_and_equal_direct_ones() {
     );
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
-    assert_eq!((v["object"].as_str(), v["model"].as_str()), (Some("list"), Some("all-MiniLM-L6-v2")));
+    assert_eq!(
+        (v["object"].as_str(), v["model"].as_str()),
+        (Some("list"), Some("all-MiniLM-L6-v2"))
+    );
     assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
     for (i, (d, w)) in v["data"].as_array().unwrap().iter().zip(&want).enumerate() {
-        assert_eq!((d["object"].as_str(), d["index"].as_u64()), (Some("embedding"), Some(i as u64)));
+        assert_eq!(
+            (d["object"].as_str(), d["index"].as_u64()),
+            (Some("embedding"), Some(i as u64))
+        );
         let e: Vec<f32> = serde_json::from_value(d["embedding"].clone()).unwrap();
         assert_eq!(e.len(), 384);
-        let diff = e.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let diff = e
+            .iter()
+            .zip(w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         assert!(diff < 1e-5, "row {i}: max diff {diff}");
     }
     let r = post(
@@ -314,13 +344,21 @@ fn embeddings_have_the_openai_shape_and_equal_direct_ones() {
     );
     let v = r.json();
     let e = decode_b64(v["data"][0]["embedding"].as_str().unwrap());
-    let diff = e.iter().zip(&want[0]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let diff = e
+        .iter()
+        .zip(&want[0])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(e.len() == 384 && diff < 1e-5, "base64: {diff}");
     // The classifier serves embeddings from its encoder (MiniLM's weights, unchanged).
     let r = post(clf(), "/v1/embeddings", &json!({"input": texts[1]}));
     assert_eq!(r.status, 200, "{}", r.text());
     let e: Vec<f32> = serde_json::from_value(r.json()["data"][0]["embedding"].clone()).unwrap();
-    let diff = e.iter().zip(&want[1]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let diff = e
+        .iter()
+        .zip(&want[1])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(diff < 1e-5, "classifier embeddings: {diff}");
 }
 
@@ -371,7 +409,10 @@ fn completions_equal_generate_greedy_and_seeded() {
         v["usage"]["total_tokens"].as_u64(),
         Some(v["usage"]["prompt_tokens"].as_u64().unwrap() + g.tokens.len() as u64)
     );
-    let cfg = GenerationConfig::sampling(5, 0.9, 11).top_k(40).top_p(0.95).repetition_penalty(1.1);
+    let cfg = GenerationConfig::sampling(5, 0.9, 11)
+        .top_k(40)
+        .top_p(0.95)
+        .repetition_penalty(1.1);
     let (want, _) = generate_direct("Once upon a time", &cfg);
     let body = json!({"prompt": "Once upon a time", "max_tokens": 5, "temperature": 0.9,
         "seed": 11, "top_k": 40, "top_p": 0.95, "repetition_penalty": 1.1});
@@ -381,7 +422,10 @@ fn completions_equal_generate_greedy_and_seeded() {
 
 #[test]
 fn chat_completions_and_streaming_equal_generate() {
-    let msgs = [ChatMessage::system("Be brief."), ChatMessage::user("Name a colour.")];
+    let msgs = [
+        ChatMessage::system("Be brief."),
+        ChatMessage::user("Name a colour."),
+    ];
     let (want, g) = generate_direct(&chat_prompt(&msgs), &GenerationConfig::greedy(7));
     let body = json!({"messages": [{"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Name a colour."}], "max_tokens": 7, "temperature": 0});
@@ -397,7 +441,10 @@ fn chat_completions_and_streaming_equal_generate() {
     body["stream"] = json!(true);
     let r = post(lm_addr(), "/v1/chat/completions", &body);
     assert_eq!(r.status, 200, "{}", r.text());
-    assert!(r.header("content-type").unwrap().starts_with("text/event-stream"));
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/event-stream"));
     let data = r.sse_data();
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
     let chunks: Vec<Value> = data[..data.len() - 1]
@@ -405,13 +452,18 @@ fn chat_completions_and_streaming_equal_generate() {
         .map(|d| serde_json::from_str(d).unwrap())
         .collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
     let text: String = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
         .collect();
     assert_eq!(text, want);
-    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], finish_reason(&g));
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        finish_reason(&g)
+    );
 
     // Plain completions stream too, one chunk per piece of text.
     let (want, g) = generate_direct("1, 2, 3,", &GenerationConfig::greedy(8));
@@ -427,16 +479,27 @@ fn chat_completions_and_streaming_equal_generate() {
         .map(|d| serde_json::from_str(d).unwrap())
         .collect();
     assert!(chunks.len() >= 3, "{data:?}");
-    let text: String = chunks.iter().map(|c| c["choices"][0]["text"].as_str().unwrap()).collect();
+    let text: String = chunks
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap())
+        .collect();
     assert_eq!(text, want);
-    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], finish_reason(&g));
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        finish_reason(&g)
+    );
 }
 
 #[test]
 fn stop_strings_cut_the_text() {
     let (full, _) = generate_direct("1, 2, 3,", &GenerationConfig::greedy(8));
     // Stop at the second character that is not a space of the greedy continuation.
-    let cut = full.char_indices().filter(|(_, c)| !c.is_whitespace()).nth(1).unwrap().0;
+    let cut = full
+        .char_indices()
+        .filter(|(_, c)| !c.is_whitespace())
+        .nth(1)
+        .unwrap()
+        .0;
     let stop: String = full[cut..].chars().take(1).collect();
     let want = &full[..full.find(&stop).unwrap()];
     for stream in [false, true] {
@@ -453,8 +516,14 @@ fn stop_strings_cut_the_text() {
                 .iter()
                 .map(|d| serde_json::from_str(d).unwrap())
                 .collect();
-            let t: String = chunks.iter().map(|c| c["choices"][0]["text"].as_str().unwrap()).collect();
-            (t, chunks.last().unwrap()["choices"][0]["finish_reason"].clone())
+            let t: String = chunks
+                .iter()
+                .map(|c| c["choices"][0]["text"].as_str().unwrap())
+                .collect();
+            (
+                t,
+                chunks.last().unwrap()["choices"][0]["finish_reason"].clone(),
+            )
         } else {
             let v = r.json();
             (
@@ -471,15 +540,15 @@ fn stop_strings_cut_the_text() {
 fn concurrent_generations_each_get_their_own_seeded_answer() {
     let jobs: Vec<(String, u64)> = (0..4).map(|i| (format!("Story {i}:"), i as u64)).collect();
     let answers: Vec<Value> = std::thread::scope(|s| {
-        let hs: Vec<_> = jobs
-            .iter()
-            .map(|(p, seed)| {
-                s.spawn(move || {
+        let hs: Vec<_> =
+            jobs.iter()
+                .map(|(p, seed)| {
+                    s.spawn(move || {
                     post(lm_addr(), "/v1/completions",
                         &json!({"prompt": p, "max_tokens": 4, "temperature": 1.0, "seed": seed}))
                 })
-            })
-            .collect();
+                })
+                .collect();
         hs.into_iter().map(|h| h.join().unwrap().json()).collect()
     });
     for ((p, seed), a) in jobs.iter().zip(&answers) {
@@ -492,27 +561,56 @@ fn concurrent_generations_each_get_their_own_seeded_answer() {
 
 #[test]
 fn health_models_and_metrics() {
-    for (addr, kind) in [(clf(), "classifier"), (embedder(), "embedder"), (lm_addr(), "causal-lm")] {
+    for (addr, kind) in [
+        (clf(), "classifier"),
+        (embedder(), "embedder"),
+        (lm_addr(), "causal-lm"),
+    ] {
         let r = get(addr, "/health");
         assert_eq!(r.status, 200);
-        assert_eq!((r.json()["status"].as_str(), r.json()["kind"].as_str()), (Some("ok"), Some(kind)));
+        assert_eq!(
+            (r.json()["status"].as_str(), r.json()["kind"].as_str()),
+            (Some("ok"), Some(kind))
+        );
         let v = get(addr, "/v1/models").json();
         assert_eq!(v["object"], "list");
         assert_eq!(v["data"][0]["object"], "model");
         assert_eq!(v["data"][0]["id"], r.json()["model"]);
     }
-    assert_eq!(get(clf(), "/v1/models").json()["data"][0]["labels"], json!(["negative", "positive"]));
+    assert_eq!(
+        get(clf(), "/v1/models").json()["data"][0]["labels"],
+        json!(["negative", "positive"])
+    );
     post(clf(), "/v1/classify", &json!({"input": "fine"}));
     post(clf(), "/v1/classify", &json!({"input": 1}));
     let r = get(clf(), "/metrics");
     assert!(r.header("content-type").unwrap().starts_with("text/plain"));
-    assert!(metric(clf(), "kiln_requests_total{endpoint=\"/v1/classify\",status=\"200\"} ") >= 1.0);
-    assert!(metric(clf(), "kiln_requests_total{endpoint=\"/v1/classify\",status=\"400\"} ") >= 1.0);
-    assert!(metric(clf(), "kiln_request_duration_seconds_count{endpoint=\"/v1/classify\"} ") >= 2.0);
+    assert!(
+        metric(
+            clf(),
+            "kiln_requests_total{endpoint=\"/v1/classify\",status=\"200\"} "
+        ) >= 1.0
+    );
+    assert!(
+        metric(
+            clf(),
+            "kiln_requests_total{endpoint=\"/v1/classify\",status=\"400\"} "
+        ) >= 1.0
+    );
+    assert!(
+        metric(
+            clf(),
+            "kiln_request_duration_seconds_count{endpoint=\"/v1/classify\"} "
+        ) >= 2.0
+    );
     assert!(metric(clf(), "kiln_batch_size_bucket{le=\"+Inf\"} ") >= 1.0);
     assert_eq!(metric(clf(), "kiln_queue_depth "), 0.0);
     assert_eq!(metric(clf(), "kiln_queue_capacity "), 256.0);
-    post(lm_addr(), "/v1/completions", &json!({"prompt": "Hi", "max_tokens": 2, "temperature": 0}));
+    post(
+        lm_addr(),
+        "/v1/completions",
+        &json!({"prompt": "Hi", "max_tokens": 2, "temperature": 0}),
+    );
     assert!(metric(lm_addr(), "kiln_generated_tokens_total ") >= 1.0);
     assert!(metric(lm_addr(), "kiln_generation_seconds_total ") > 0.0);
 }
@@ -523,65 +621,250 @@ fn health_models_and_metrics() {
 fn every_bad_request_is_a_json_4xx_naming_the_field() {
     let c = clf();
     let raw = |addr, path, body: &[u8]| request(addr, "POST", path, body);
-    assert_error(&raw(c, "/v1/classify", b"{\"input\": "), 400, None, "malformed JSON");
+    assert_error(
+        &raw(c, "/v1/classify", b"{\"input\": "),
+        400,
+        None,
+        "malformed JSON",
+    );
     assert_error(&raw(c, "/v1/classify", b""), 400, None, "empty");
-    assert_error(&raw(c, "/v1/classify", b"[\"a\"]"), 400, None, "JSON object");
-    assert_error(&raw(c, "/v1/classify", b"\xff\xfe"), 400, None, "malformed JSON");
-    assert_error(&post(c, "/v1/classify", &json!({})), 400, Some("input"), "missing field");
-    assert_error(&post(c, "/v1/classify", &json!({"input": 5})), 400, Some("input"), "string or an array");
-    assert_error(&post(c, "/v1/classify", &json!({"input": ""})), 400, Some("input"), "empty");
-    assert_error(&post(c, "/v1/classify", &json!({"input": []})), 400, Some("input"), "empty");
-    assert_error(&post(c, "/v1/classify", &json!({"input": ["a", 3]})), 400, Some("input[1]"), "must be a string");
-    assert_error(&post(c, "/v1/classify", &json!({"input": "a", "top_k": 1})), 400, Some("top_k"), "unknown field");
-    assert_error(&post(c, "/v1/classify", &json!({"input": "a", "model": 3})), 400, Some("model"), "invalid type");
-    assert_error(&post(c, "/v1/classify", &json!({"input": "a", "model": "gpt-4"})), 404, Some("model"), "not served");
-    assert_error(&post(c, "/v1/classify", &json!({"input": vec!["a"; 9]})), 413, Some("input"), "limit of 8");
+    assert_error(
+        &raw(c, "/v1/classify", b"[\"a\"]"),
+        400,
+        None,
+        "JSON object",
+    );
+    assert_error(
+        &raw(c, "/v1/classify", b"\xff\xfe"),
+        400,
+        None,
+        "malformed JSON",
+    );
+    assert_error(
+        &post(c, "/v1/classify", &json!({})),
+        400,
+        Some("input"),
+        "missing field",
+    );
+    assert_error(
+        &post(c, "/v1/classify", &json!({"input": 5})),
+        400,
+        Some("input"),
+        "string or an array",
+    );
+    assert_error(
+        &post(c, "/v1/classify", &json!({"input": ""})),
+        400,
+        Some("input"),
+        "empty",
+    );
+    assert_error(
+        &post(c, "/v1/classify", &json!({"input": []})),
+        400,
+        Some("input"),
+        "empty",
+    );
+    assert_error(
+        &post(c, "/v1/classify", &json!({"input": ["a", 3]})),
+        400,
+        Some("input[1]"),
+        "must be a string",
+    );
+    assert_error(
+        &post(c, "/v1/classify", &json!({"input": "a", "top_k": 1})),
+        400,
+        Some("top_k"),
+        "unknown field",
+    );
+    assert_error(
+        &post(c, "/v1/classify", &json!({"input": "a", "model": 3})),
+        400,
+        Some("model"),
+        "invalid type",
+    );
+    assert_error(
+        &post(c, "/v1/classify", &json!({"input": "a", "model": "gpt-4"})),
+        404,
+        Some("model"),
+        "not served",
+    );
+    assert_error(
+        &post(c, "/v1/classify", &json!({"input": vec!["a"; 9]})),
+        413,
+        Some("input"),
+        "limit of 8",
+    );
     let long = "word ".repeat(40);
-    assert_error(&post(c, "/v1/classify", &json!({"input": ["ok", long]})), 422, Some("input[1]"), "limit of 32");
+    assert_error(
+        &post(c, "/v1/classify", &json!({"input": ["ok", long]})),
+        422,
+        Some("input[1]"),
+        "limit of 32",
+    );
     let huge = format!("{{\"input\": \"{}\"}}", "a".repeat(70 * 1024));
-    assert_error(&raw(c, "/v1/classify", huge.as_bytes()), 413, None, "limit of 65536 bytes");
-    assert_error(&post(c, "/v1/completions", &json!({"prompt": "a"})), 400, None, "causal language model");
-    assert_error(&post(c, "/v1/chat/completions", &json!({"messages": []})), 400, None, "causal language model");
+    assert_error(
+        &raw(c, "/v1/classify", huge.as_bytes()),
+        413,
+        None,
+        "limit of 65536 bytes",
+    );
+    assert_error(
+        &post(c, "/v1/completions", &json!({"prompt": "a"})),
+        400,
+        None,
+        "causal language model",
+    );
+    assert_error(
+        &post(c, "/v1/chat/completions", &json!({"messages": []})),
+        400,
+        None,
+        "causal language model",
+    );
     assert_error(&get(c, "/v1/nothing"), 404, None, "no route");
     assert_error(&get(c, "/v1/classify"), 405, None, "does not take GET");
 
     let e = embedder();
-    assert_error(&post(e, "/v1/classify", &json!({"input": "a"})), 400, None, "needs a classifier");
-    assert_error(&post(e, "/v1/embeddings", &json!({"input": "a", "encoding_format": "hex"})), 400, Some("encoding_format"), "float");
-    assert_error(&post(e, "/v1/embeddings", &json!({"input": null})), 400, Some("input"), "got null");
+    assert_error(
+        &post(e, "/v1/classify", &json!({"input": "a"})),
+        400,
+        None,
+        "needs a classifier",
+    );
+    assert_error(
+        &post(
+            e,
+            "/v1/embeddings",
+            &json!({"input": "a", "encoding_format": "hex"}),
+        ),
+        400,
+        Some("encoding_format"),
+        "float",
+    );
+    assert_error(
+        &post(e, "/v1/embeddings", &json!({"input": null})),
+        400,
+        Some("input"),
+        "got null",
+    );
 
     let l = lm_addr();
-    assert_error(&post(l, "/v1/classify", &json!({"input": "a"})), 400, None, "needs a classifier");
-    assert_error(&post(l, "/v1/embeddings", &json!({"input": "a"})), 400, None, "BERT encoder");
+    assert_error(
+        &post(l, "/v1/classify", &json!({"input": "a"})),
+        400,
+        None,
+        "needs a classifier",
+    );
+    assert_error(
+        &post(l, "/v1/embeddings", &json!({"input": "a"})),
+        400,
+        None,
+        "BERT encoder",
+    );
     let p = |extra: Value| {
         let mut b = json!({"prompt": "Hello"});
-        b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         post(l, "/v1/completions", &b)
     };
     assert_error(&p(json!({"top_p": 7})), 400, Some("top_p"), "(0, 1]");
     assert_error(&p(json!({"top_p": 0})), 400, Some("top_p"), "(0, 1]");
-    assert_error(&p(json!({"temperature": -1})), 400, Some("temperature"), "≥ 0");
-    assert_error(&p(json!({"max_tokens": -5})), 400, Some("max_tokens"), "at least 1");
-    assert_error(&p(json!({"max_tokens": 0})), 400, Some("max_tokens"), "at least 1");
-    assert_error(&p(json!({"max_tokens": 1000})), 422, Some("max_tokens"), "limit of 8");
-    assert_error(&p(json!({"max_tokens": "many"})), 400, Some("max_tokens"), "invalid type");
+    assert_error(
+        &p(json!({"temperature": -1})),
+        400,
+        Some("temperature"),
+        "≥ 0",
+    );
+    assert_error(
+        &p(json!({"max_tokens": -5})),
+        400,
+        Some("max_tokens"),
+        "at least 1",
+    );
+    assert_error(
+        &p(json!({"max_tokens": 0})),
+        400,
+        Some("max_tokens"),
+        "at least 1",
+    );
+    assert_error(
+        &p(json!({"max_tokens": 1000})),
+        422,
+        Some("max_tokens"),
+        "limit of 8",
+    );
+    assert_error(
+        &p(json!({"max_tokens": "many"})),
+        400,
+        Some("max_tokens"),
+        "invalid type",
+    );
     assert_error(&p(json!({"top_k": 0})), 400, Some("top_k"), "at least 1");
     assert_error(&p(json!({"seed": -1})), 400, Some("seed"), "invalid value");
-    assert_error(&p(json!({"stream": "yes"})), 400, Some("stream"), "invalid type");
+    assert_error(
+        &p(json!({"stream": "yes"})),
+        400,
+        Some("stream"),
+        "invalid type",
+    );
     assert_error(&p(json!({"stop": 5})), 400, Some("stop"), "string");
     assert_error(&p(json!({"n": 3})), 400, Some("n"), "must be 1");
-    assert_error(&p(json!({"repetition_penalty": -1})), 400, Some("repetition_penalty"), "> 0");
-    assert_error(&p(json!({"logit_bias": {}})), 400, Some("logit_bias"), "unknown field");
-    assert_error(&post(l, "/v1/completions", &json!({"prompt": 3})), 400, Some("prompt"), "must be a string");
-    assert_error(&post(l, "/v1/completions", &json!({"prompt": ""})), 400, Some("prompt"), "empty");
+    assert_error(
+        &p(json!({"repetition_penalty": -1})),
+        400,
+        Some("repetition_penalty"),
+        "> 0",
+    );
+    assert_error(
+        &p(json!({"logit_bias": {}})),
+        400,
+        Some("logit_bias"),
+        "unknown field",
+    );
+    assert_error(
+        &post(l, "/v1/completions", &json!({"prompt": 3})),
+        400,
+        Some("prompt"),
+        "must be a string",
+    );
+    assert_error(
+        &post(l, "/v1/completions", &json!({"prompt": ""})),
+        400,
+        Some("prompt"),
+        "empty",
+    );
     let long = "hello ".repeat(9000);
-    assert_error(&post(l, "/v1/completions", &json!({"prompt": long, "max_tokens": 1})), 422, Some("prompt"), "positions");
+    assert_error(
+        &post(
+            l,
+            "/v1/completions",
+            &json!({"prompt": long, "max_tokens": 1}),
+        ),
+        422,
+        Some("prompt"),
+        "positions",
+    );
     let chat = |m: Value| post(l, "/v1/chat/completions", &json!({"messages": m}));
     assert_error(&chat(json!([])), 400, Some("messages"), "empty");
     assert_error(&chat(json!("hi")), 400, Some("messages"), "array");
-    assert_error(&chat(json!([{"role": "robot", "content": "x"}])), 400, Some("messages[0].role"), "system, user or assistant");
-    assert_error(&chat(json!([{"role": "user"}])), 400, Some("messages[0].content"), "missing");
-    assert_error(&post(l, "/v1/chat/completions", &json!({"prompt": "x"})), 400, Some("prompt"), "unknown field");
+    assert_error(
+        &chat(json!([{"role": "robot", "content": "x"}])),
+        400,
+        Some("messages[0].role"),
+        "system, user or assistant",
+    );
+    assert_error(
+        &chat(json!([{"role": "user"}])),
+        400,
+        Some("messages[0].content"),
+        "missing",
+    );
+    assert_error(
+        &post(l, "/v1/chat/completions", &json!({"prompt": "x"})),
+        400,
+        Some("prompt"),
+        "unknown field",
+    );
 }
 
 // ------------------------------------------------------------------ failures inside compute
@@ -620,7 +903,11 @@ impl Backend for Faulty {
 
 fn faulty_classifier(trigger: bool, delay: Duration) -> (LoadedModel, Option<u32>) {
     let LoadedModel { info, backend } = load_model(classifier_dir(), None).unwrap();
-    let id = trigger.then(|| info.tokenizer.token_to_id("explode").expect("in the vocabulary"));
+    let id = trigger.then(|| {
+        info.tokenizer
+            .token_to_id("explode")
+            .expect("in the vocabulary")
+    });
     let backend = Box::new(Faulty {
         inner: backend,
         trigger: id,
@@ -676,17 +963,29 @@ impl Backend for ToyLm {
         on_token: &mut dyn FnMut(u32) -> bool,
     ) -> Result<Generated, String> {
         let mut tokens = Vec::new();
-        for (i, &w) in self.words.iter().cycle().take(config.max_new_tokens).enumerate() {
+        for (i, &w) in self
+            .words
+            .iter()
+            .cycle()
+            .take(config.max_new_tokens)
+            .enumerate()
+        {
             if i == 2 && prompt.contains(&self.trigger) {
                 panic!("toy model exploded");
             }
             std::thread::sleep(self.delay);
             tokens.push(w);
             if !on_token(w) {
-                return Ok(Generated { tokens, stop: StopReason::Callback });
+                return Ok(Generated {
+                    tokens,
+                    stop: StopReason::Callback,
+                });
             }
         }
-        Ok(Generated { tokens, stop: StopReason::MaxTokens })
+        Ok(Generated {
+            tokens,
+            stop: StopReason::MaxTokens,
+        })
     }
 }
 
@@ -707,26 +1006,48 @@ fn toy_lm(delay: Duration) -> LoadedModel {
         chat_template: None,
         stop_tokens: Vec::new(),
     };
-    LoadedModel { info, backend: Box::new(backend) }
+    LoadedModel {
+        info,
+        backend: Box::new(backend),
+    }
 }
 
 #[test]
 fn generation_panics_are_500_before_streaming_and_an_error_event_during_it() {
     let server = BackgroundServer::start(base(), toy_lm(Duration::ZERO)).unwrap();
     let addr = server.local_addr();
-    let r = post(addr, "/v1/completions", &json!({"prompt": "explode", "max_tokens": 4}));
+    let r = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": "explode", "max_tokens": 4}),
+    );
     assert_error(&r, 500, None, "toy model exploded");
-    let r = post(addr, "/v1/completions", &json!({"prompt": "explode", "max_tokens": 4, "stream": true}));
+    let r = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": "explode", "max_tokens": 4, "stream": true}),
+    );
     assert_eq!(r.status, 200);
     let data = r.sse_data();
     assert_eq!(data.len(), 4, "{data:?}"); // one, two, the error, [DONE]
     let err: Value = serde_json::from_str(&data[2]).unwrap();
-    assert!(err["error"]["message"].as_str().unwrap().contains("toy model exploded"));
+    assert!(err["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("toy model exploded"));
     assert_eq!(data[3], "[DONE]");
-    let r = post(addr, "/v1/completions", &json!({"prompt": "hi", "max_tokens": 3}));
+    let r = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": "hi", "max_tokens": 3}),
+    );
     assert_eq!(r.json()["choices"][0]["text"], "one two three");
     assert_error(
-        &post(addr, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "x"}]})),
+        &post(
+            addr,
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "x"}]}),
+        ),
         400,
         None,
         "chat template",
@@ -742,19 +1063,29 @@ fn a_full_queue_answers_503_with_retry_after() {
     let addr = server.local_addr();
     let answers: Vec<Resp> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..8)
-            .map(|i| s.spawn(move || post(addr, "/v1/classify", &json!({"input": format!("t{i}")}))))
+            .map(|i| {
+                s.spawn(move || post(addr, "/v1/classify", &json!({"input": format!("t{i}")})))
+            })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let ok = answers.iter().filter(|r| r.status == 200).count();
     let busy: Vec<&Resp> = answers.iter().filter(|r| r.status == 503).collect();
-    assert_eq!(ok + busy.len(), 8, "{:?}", answers.iter().map(|r| r.status).collect::<Vec<_>>());
+    assert_eq!(
+        ok + busy.len(),
+        8,
+        "{:?}",
+        answers.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
     assert!(ok >= 1 && !busy.is_empty(), "{ok} ok, {} busy", busy.len());
     for r in busy {
         assert_eq!(r.header("retry-after"), Some("1"));
         assert_error(r, 503, None, "queue is full");
     }
-    assert_eq!(post(addr, "/v1/classify", &json!({"input": "later"})).status, 200);
+    assert_eq!(
+        post(addr, "/v1/classify", &json!({"input": "later"})).status,
+        200
+    );
     server.stop().unwrap();
 }
 
@@ -763,38 +1094,74 @@ fn graceful_shutdown_finishes_the_stream_in_flight() {
     let server = BackgroundServer::start(base(), toy_lm(Duration::from_millis(60))).unwrap();
     let addr = server.local_addr();
     let client = std::thread::spawn(move || {
-        post(addr, "/v1/completions", &json!({"prompt": "hi", "max_tokens": 8, "stream": true}))
+        post(
+            addr,
+            "/v1/completions",
+            &json!({"prompt": "hi", "max_tokens": 8, "stream": true}),
+        )
     });
     std::thread::sleep(Duration::from_millis(150));
     server.stop().unwrap();
     let r = client.join().unwrap();
     let data = r.sse_data();
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{data:?}");
-    assert_eq!(data.len(), 8 + 2, "8 tokens, the final chunk and [DONE]: {data:?}");
-    assert!(std::net::TcpStream::connect(addr).is_err(), "still listening after stop");
+    assert_eq!(
+        data.len(),
+        8 + 2,
+        "8 tokens, the final chunk and [DONE]: {data:?}"
+    );
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "still listening after stop"
+    );
 }
 
 #[test]
 fn load_errors_name_the_path() {
-    let e = load_model(std::path::Path::new("/no/such/model"), None).unwrap_err().to_string();
-    assert!(e.contains("/no/such/model") && e.contains("no such file"), "{e}");
+    let e = load_model(std::path::Path::new("/no/such/model"), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("/no/such/model") && e.contains("no such file"),
+        "{e}"
+    );
     let dir = std::env::temp_dir().join(format!("kiln-serve-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("config.json"), r#"{"model_type": "t5"}"#).unwrap();
     let e = load_model(&dir, None).unwrap_err().to_string();
-    assert!(e.contains("cannot tell what to serve") && e.contains("t5"), "{e}");
+    assert!(
+        e.contains("cannot tell what to serve") && e.contains("t5"),
+        "{e}"
+    );
     std::fs::write(dir.join("weights.bin"), b"nope").unwrap();
-    let e = load_model(&dir.join("weights.bin"), None).unwrap_err().to_string();
+    let e = load_model(&dir.join("weights.bin"), None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("GGUF magic"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
 
 // ------------------------------------------------------------------ fuzzing
 
-const ENDPOINTS: [&str; 4] = ["/v1/classify", "/v1/embeddings", "/v1/completions", "/v1/chat/completions"];
+const ENDPOINTS: [&str; 4] = [
+    "/v1/classify",
+    "/v1/embeddings",
+    "/v1/completions",
+    "/v1/chat/completions",
+];
 const KEYS: [&str; 12] = [
-    "input", "model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k",
-    "seed", "stop", "stream", "encoding_format",
+    "input",
+    "model",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "stream",
+    "encoding_format",
 ];
 
 fn json_value() -> impl Strategy<Value = Value> {

@@ -87,7 +87,14 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Resp 
         .unwrap_or_else(|| panic!("no response head: {:?}", String::from_utf8_lossy(&raw)));
     let head = std::str::from_utf8(&raw[..end]).unwrap();
     let mut lines = head.split("\r\n");
-    let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
@@ -96,7 +103,11 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Resp 
     let chunked = headers
         .iter()
         .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
-    let body = if chunked { dechunk(rest) } else { rest.to_vec() };
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_vec()
+    };
     Resp {
         status,
         headers,
