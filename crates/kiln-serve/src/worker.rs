@@ -13,17 +13,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
+/// Where a classify / embedding job's answer goes.
+type Reply<T> = oneshot::Sender<Result<Vec<T>, ApiError>>;
+
 /// One request for the worker.
 pub(crate) enum Job {
     /// Class probabilities of each row.
     Classify {
         rows: Vec<Vec<u32>>,
-        reply: oneshot::Sender<Result<Vec<Vec<f64>>, ApiError>>,
+        reply: Reply<Vec<f64>>,
     },
     /// Embeddings of each row.
     Embed {
         rows: Vec<Vec<u32>>,
-        reply: oneshot::Sender<Result<Vec<Vec<f32>>, ApiError>>,
+        reply: Reply<Vec<f32>>,
     },
     /// A completion, streamed back as text pieces.
     Generate {
@@ -211,7 +214,7 @@ impl Worker {
     /// job alone so that only the failing one gets the error.
     fn answer<T>(
         &mut self,
-        jobs: Vec<(Vec<Vec<u32>>, oneshot::Sender<Result<Vec<T>, ApiError>>)>,
+        jobs: Vec<(Vec<Vec<u32>>, Reply<T>)>,
         what: &str,
         f: impl Fn(&mut dyn Backend, &[&[u32]]) -> Result<Vec<T>, String>,
     ) {
