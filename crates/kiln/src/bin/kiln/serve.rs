@@ -7,11 +7,10 @@ use std::path::PathBuf;
 
 /// The `serve` command.
 pub fn command() -> Command {
-    let d = ServeConfig::default();
-    let num = |name: &'static str, default: String, help: &'static str| {
+    // No clap defaults: absent flags keep `ServeConfig::default()`'s values.
+    let num = |name: &'static str, help: &'static str| {
         Arg::new(name)
             .long(name)
-            .default_value(default)
             .value_parser(value_parser!(u64))
             .help(help)
     };
@@ -24,21 +23,20 @@ pub fn command() -> Command {
                 .value_parser(value_parser!(PathBuf))
                 .help("a directory written by `kiln finetune`, a BERT sentence-embedding directory, or a .gguf / Llama directory"),
         )
-        .arg(Arg::new("host").long("host").default_value(d.host.clone()).help("address to bind"))
+        .arg(Arg::new("host").long("host").help("address to bind (default 127.0.0.1)"))
         .arg(
             Arg::new("port")
                 .long("port")
-                .default_value(d.port.to_string())
                 .value_parser(value_parser!(u16))
-                .help("port to bind (0: any free port)"),
+                .help("port to bind (default 8080; 0: any free port)"),
         )
-        .arg(num("max-batch", d.max_batch.to_string(), "most texts per model call"))
-        .arg(num("max-wait-ms", d.max_wait.as_millis().to_string(), "longest wait for a batch to fill"))
-        .arg(num("queue", d.queue.to_string(), "requests that may wait before answers are 503"))
-        .arg(num("body-limit", d.body_limit.to_string(), "largest request body in bytes (413 above)"))
-        .arg(num("max-texts", d.max_texts.to_string(), "most texts per classify / embeddings request (413 above)"))
-        .arg(num("max-text-tokens", d.max_text_tokens.to_string(), "most tokens per text (422 above)"))
-        .arg(num("max-tokens", d.max_tokens.to_string(), "largest max_tokens a completion may ask for (422 above)"))
+        .arg(num("max-batch", "most texts per model call (default 16)"))
+        .arg(num("max-wait-ms", "longest wait for a batch to fill (default 5)"))
+        .arg(num("queue", "requests that may wait before answers are 503 (default 256)"))
+        .arg(num("body-limit", "largest request body in bytes, 413 above (default 1 MiB)"))
+        .arg(num("max-texts", "most texts per classify / embeddings request, 413 above (default 256)"))
+        .arg(num("max-text-tokens", "most tokens per text, 422 above (default 512)"))
+        .arg(num("max-tokens", "largest max_tokens a completion may ask for, 422 above (default 512)"))
         .arg(Arg::new("name").long("name").help("the model's served name (default: file stem or directory name)"))
         .arg(
             Arg::new("no-batching")
@@ -57,19 +55,30 @@ pub fn command() -> Command {
 /// Runs `kiln serve`.
 pub fn run(m: &ArgMatches) -> Result<(), Error> {
     let path: &PathBuf = m.get_one("model").expect("required");
-    let n = |name: &str| *m.get_one::<u64>(name).expect("default") as usize;
     let mut config = ServeConfig::default()
-        .host(m.get_one::<String>("host").expect("default").as_str())
-        .port(*m.get_one("port").expect("default"))
-        .max_batch(n("max-batch"))
-        .max_wait_ms(n("max-wait-ms") as u64)
-        .queue(n("queue"))
-        .body_limit(n("body-limit"))
-        .max_texts(n("max-texts"))
-        .max_text_tokens(n("max-text-tokens"))
-        .max_tokens(n("max-tokens"))
         .batching(!m.get_flag("no-batching"))
         .log_requests(!m.get_flag("quiet"));
+    let n = |name: &str| m.get_one::<u64>(name).map(|&v| v as usize);
+    if let Some(h) = m.get_one::<String>("host") {
+        config = config.host(h.as_str());
+    }
+    if let Some(&p) = m.get_one::<u16>("port") {
+        config = config.port(p);
+    }
+    let sizes: [(&str, fn(ServeConfig, usize) -> ServeConfig); 7] = [
+        ("max-batch", ServeConfig::max_batch),
+        ("max-wait-ms", |c, v| c.max_wait_ms(v as u64)),
+        ("queue", ServeConfig::queue),
+        ("body-limit", ServeConfig::body_limit),
+        ("max-texts", ServeConfig::max_texts),
+        ("max-text-tokens", ServeConfig::max_text_tokens),
+        ("max-tokens", ServeConfig::max_tokens),
+    ];
+    for (name, set) in sizes {
+        if let Some(v) = n(name) {
+            config = set(config, v);
+        }
+    }
     if let Some(name) = m.get_one::<String>("name") {
         config = config.model_name(name.as_str());
     }
