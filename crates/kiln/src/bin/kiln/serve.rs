@@ -52,6 +52,9 @@ pub fn command() -> Command {
         )
 }
 
+/// A `ServeConfig` builder method taking a size.
+type SetSize = fn(ServeConfig, usize) -> ServeConfig;
+
 /// Runs `kiln serve`.
 pub fn run(m: &ArgMatches) -> Result<(), Error> {
     let path: &PathBuf = m.get_one("model").expect("required");
@@ -65,7 +68,7 @@ pub fn run(m: &ArgMatches) -> Result<(), Error> {
     if let Some(&p) = m.get_one::<u16>("port") {
         config = config.port(p);
     }
-    let sizes: [(&str, fn(ServeConfig, usize) -> ServeConfig); 7] = [
+    let sizes: [(&str, SetSize); 7] = [
         ("max-batch", ServeConfig::max_batch),
         ("max-wait-ms", |c, v| c.max_wait_ms(v as u64)),
         ("queue", ServeConfig::queue),
