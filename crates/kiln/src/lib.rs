@@ -7,6 +7,7 @@ pub use kiln_data as data;
 pub use kiln_io as io;
 pub use kiln_models as models;
 pub use kiln_nn as nn;
+pub use kiln_serve as serve;
 pub use kiln_tune as tune;
 
 /// The names most programs need.

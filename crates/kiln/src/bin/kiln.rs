@@ -1,6 +1,8 @@
 //! The `kiln` command line: `kiln finetune`, `kiln eval`, `kiln predict`, `kiln generate`,
 //! `kiln embed`, `kiln inspect`.
 
+#[path = "kiln/serve.rs"]
+mod serve;
 #[path = "kiln/tune.rs"]
 mod tune;
 
@@ -27,6 +29,7 @@ fn cli() -> Command {
         .subcommand(tune::finetune_command())
         .subcommand(tune::eval_command())
         .subcommand(tune::predict_command())
+        .subcommand(serve::command())
         .subcommand(
             Command::new("generate")
                 .about("Continue a prompt with a Llama-family language model (GGUF file or HF directory), streaming tokens")
@@ -117,6 +120,7 @@ fn main() -> ExitCode {
         Some(("finetune", m)) => tune::run_finetune(m),
         Some(("eval", m)) => tune::run_eval(m),
         Some(("predict", m)) => tune::run_predict(m),
+        Some(("serve", m)) => serve::run(m),
         Some(("generate", m)) => run_generate(m),
         Some(("embed", m)) => run_embed(m),
         Some(("inspect", m)) => run_inspect(m),
