@@ -149,7 +149,10 @@ fn embed_equals_sentence_transformers() {
         .zip(&expected)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f64::max);
-    assert!(diff < 1e-4, "max abs diff {diff} against sentence-transformers");
+    assert!(
+        diff < 1e-4,
+        "max abs diff {diff} against sentence-transformers"
+    );
 }
 
 #[test]
