@@ -8,8 +8,8 @@
 #   4. predict two example sentences.
 #
 # Options go to `kiln finetune` (e.g. scripts/quickstart.sh --strategy lora --rank 8 --epochs 2).
-# KILN_OUT overrides the output directory. KILN_CARGO_PROFILE=test builds kiln with the test
-# profile instead of release (CI: `cargo test` has already built it that way).
+# KILN_OUT overrides the output directory. KILN_BIN runs an already built kiln binary instead
+# of building the release one (CI: the one `cargo test` built for the integration tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,12 +19,13 @@ DATA="${KILN_DATA_DIR:-.cache/data}/rotten_tomatoes/reviews.csv"
 
 scripts/fetch_models.sh minilm
 scripts/fetch_data.sh rotten-tomatoes
-PROFILE="${KILN_CARGO_PROFILE:-release}"
-cargo build --profile "$PROFILE" --bin kiln
-case "$PROFILE" in
-dev | test) KILN=target/debug/kiln ;;
-*) KILN="target/$PROFILE/kiln" ;;
-esac
+if [[ -n "${KILN_BIN:-}" ]]; then
+    [[ -x "$KILN_BIN" ]] || { echo "quickstart: KILN_BIN=$KILN_BIN is not an executable" >&2; exit 1; }
+    KILN="$KILN_BIN"
+else
+    cargo build --release --bin kiln
+    KILN=target/release/kiln
+fi
 
 $KILN finetune --recipe recipes/sentiment.toml --model "$MODEL_DIR" --data "$DATA" --out "$OUT" --fresh "$@"
 # finetune wrote the held-out validation rows of its split next to the model.
