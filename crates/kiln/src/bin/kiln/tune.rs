@@ -206,6 +206,32 @@ fn recipe_task(path: &PathBuf) -> Result<Option<String>, Error> {
         .map(str::to_string))
 }
 
+/// The data flags both tasks share: training file, validation file or ratio, split seed, limit.
+fn apply_split_flags(
+    m: &ArgMatches,
+    train: &mut PathBuf,
+    valid: &mut Option<PathBuf>,
+    valid_ratio: &mut f64,
+    split_seed: &mut u64,
+    limit: &mut Option<usize>,
+) {
+    if let Some(p) = get::<PathBuf>(m, "data") {
+        *train = p;
+    }
+    if let Some(p) = get::<PathBuf>(m, "valid") {
+        *valid = Some(p);
+    }
+    if let Some(v) = get(m, "valid-ratio") {
+        *valid_ratio = v;
+    }
+    if let Some(v) = get(m, "split-seed") {
+        *split_seed = v;
+    }
+    if let Some(v) = get(m, "limit") {
+        *limit = Some(v);
+    }
+}
+
 /// Runs `kiln finetune`.
 pub fn run_finetune(m: &ArgMatches) -> Result<(), Error> {
     let from_recipe = match get::<PathBuf>(m, "recipe") {
@@ -253,21 +279,14 @@ pub fn run_finetune(m: &ArgMatches) -> Result<(), Error> {
         recipe.pooling = kiln::models::ClassifierPooling::parse(&v);
     }
     let d = &mut recipe.data;
-    if let Some(p) = get::<PathBuf>(m, "data") {
-        d.train = p;
-    }
-    if let Some(p) = get::<PathBuf>(m, "valid") {
-        d.valid = Some(p);
-    }
-    if let Some(v) = get(m, "valid-ratio") {
-        d.valid_ratio = v;
-    }
-    if let Some(v) = get(m, "split-seed") {
-        d.split_seed = v;
-    }
-    if let Some(v) = get(m, "limit") {
-        d.limit = Some(v);
-    }
+    apply_split_flags(
+        m,
+        &mut d.train,
+        &mut d.valid,
+        &mut d.valid_ratio,
+        &mut d.split_seed,
+        &mut d.limit,
+    );
     if let Some(v) = get::<String>(m, "task") {
         d.task = TaskKind::parse(&v)?;
     }
@@ -373,21 +392,14 @@ fn run_finetune_causal(m: &ArgMatches) -> Result<(), Error> {
         recipe.out = p;
     }
     let d = &mut recipe.data;
-    if let Some(p) = get::<PathBuf>(m, "data") {
-        d.train = p;
-    }
-    if let Some(p) = get::<PathBuf>(m, "valid") {
-        d.valid = Some(p);
-    }
-    if let Some(v) = get(m, "valid-ratio") {
-        d.valid_ratio = v;
-    }
-    if let Some(v) = get(m, "split-seed") {
-        d.split_seed = v;
-    }
-    if let Some(v) = get(m, "limit") {
-        d.limit = Some(v);
-    }
+    apply_split_flags(
+        m,
+        &mut d.train,
+        &mut d.valid,
+        &mut d.valid_ratio,
+        &mut d.split_seed,
+        &mut d.limit,
+    );
     if let Some(v) = get::<String>(m, "prompt-column") {
         d.prompt = v;
     }
