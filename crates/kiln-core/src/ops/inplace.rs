@@ -41,12 +41,20 @@ impl Tensor {
         dispatch_dtype!(self.dtype(), |T| {
             let from = <T as Element>::slice(&src_guard).expect("dtype checked");
             let to = <T as Element>::slice_mut(&mut dst_guard).expect("dtype checked");
-            let mut src_offsets = src.layout().offsets();
-            self.layout().for_each_run(|start, n, stride| {
-                for k in 0..n {
-                    to[start + k * stride] = from[src_offsets.next().expect("same element count")];
-                }
-            });
+            if let (Some(rs), Some(rd)) = (
+                src.layout().contiguous_range(),
+                self.layout().contiguous_range(),
+            ) {
+                to[rd].copy_from_slice(&from[rs]);
+            } else {
+                let mut src_offsets = src.layout().offsets();
+                self.layout().for_each_run(|start, n, stride| {
+                    for k in 0..n {
+                        to[start + k * stride] =
+                            from[src_offsets.next().expect("same element count")];
+                    }
+                });
+            }
         });
     }
 
@@ -93,6 +101,11 @@ mod tests {
         assert_eq!(x.to_vec::<f32>(), vec![0., 2., 4., 1., 3., 5.]);
         x.fill_(7.0);
         assert_eq!(x.to_vec::<f32>(), vec![7.0; 6]);
+        // Contiguous into a contiguous view at an offset (the plain copy path).
+        x.reshape([3, 2])
+            .narrow(0, 1, 1)
+            .assign(&Tensor::from_slice(&[8f32, 9.0], [1, 2]));
+        assert_eq!(x.to_vec::<f32>(), vec![7., 7., 8., 9., 7., 7.]);
     }
 
     #[test]
