@@ -40,9 +40,22 @@ pub fn map<T: Element, U: Element>(t: &Tensor, op: &str, f: impl Fn(T) -> U + Sy
             });
         }
         None => {
-            for (o, off) in out.iter_mut().zip(t.layout().offsets()) {
-                *o = f(src[off]);
-            }
+            // Run by run along the innermost merged dim (a whole row of a transposed view at a
+            // time), not element by element through the strided iterator.
+            let mut i = 0;
+            t.layout().for_each_run(|start, n, stride| {
+                let dst = &mut out[i..i + n];
+                if stride == 1 {
+                    for (o, &x) in dst.iter_mut().zip(&src[start..start + n]) {
+                        *o = f(x);
+                    }
+                } else {
+                    for (k, o) in dst.iter_mut().enumerate() {
+                        *o = f(src[start + k * stride]);
+                    }
+                }
+                i += n;
+            });
         }
     }
     out
