@@ -105,6 +105,33 @@ pub fn for_each_chunk<T: Send>(out: &mut [T], f: impl Fn(usize, &mut [T]) + Sync
     });
 }
 
+/// Splits `out` into one nearly equal part per thread ([`num_threads`] of them, each a
+/// multiple of `align` elements except the last) and runs `f(part_start, part)` on each, in
+/// parallel when `work` (the caller's estimate of the job's cost, in element operations) is at
+/// least `PARALLEL_THRESHOLD`; otherwise one call on the calling thread. For memory-bound jobs
+/// such as matrix-vector products, where every thread should stream the same amount.
+pub fn for_each_split<T: Send>(
+    out: &mut [T],
+    align: usize,
+    work: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let n = out.len();
+    let threads = num_threads();
+    let align = align.max(1);
+    if threads == 1 || work < PARALLEL_THRESHOLD || n <= align {
+        return f(0, out);
+    }
+    let part = n.div_ceil(threads).div_ceil(align) * align;
+    use rayon::prelude::*;
+    install(|| {
+        out.par_chunks_mut(part)
+            .with_max_len(1)
+            .enumerate()
+            .for_each(|(i, c)| f(i * part, c));
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,5 +176,38 @@ mod tests {
         }
         set_num_threads(0);
         assert_eq!(num_threads(), default_threads().clamp(1, max));
+    }
+
+    #[test]
+    fn split_parts_are_aligned_cover_everything_and_stay_serial_when_small() {
+        set_num_threads(2);
+        let mut out = vec![0usize; 1000];
+        let starts = Mutex::new(Vec::new());
+        for_each_split(&mut out, 8, PARALLEL_THRESHOLD, |s, c| {
+            starts.lock().unwrap().push((s, c.len()));
+            for (i, o) in c.iter_mut().enumerate() {
+                *o = s + i;
+            }
+        });
+        assert!(out.iter().enumerate().all(|(i, &v)| v == i));
+        let mut parts = starts.into_inner().unwrap();
+        parts.sort();
+        // Other tests may change the thread count meanwhile: check the properties, not a count.
+        assert!(!parts.is_empty() && parts.len() <= max_threads());
+        let mut next = 0;
+        for (i, &(s, len)) in parts.iter().enumerate() {
+            assert_eq!(s, next, "parts {parts:?} leave a gap");
+            assert!(i + 1 == parts.len() || len.is_multiple_of(8), "{parts:?}");
+            assert!(len + 8 >= parts[0].1, "uneven parts {parts:?}");
+            next = s + len;
+        }
+        assert_eq!(next, 1000);
+        let calls = Mutex::new(0);
+        for_each_split(&mut out, 8, PARALLEL_THRESHOLD - 1, |s, c| {
+            assert_eq!((s, c.len()), (0, 1000));
+            *calls.lock().unwrap() += 1;
+        });
+        assert_eq!(*calls.lock().unwrap(), 1);
+        set_num_threads(0);
     }
 }

@@ -477,10 +477,37 @@ pub struct LlamaModel {
     pub norm: RmsNorm,
 }
 
-/// Keys and values of the positions seen so far, per layer (`[batch, kv_heads, seen, head_dim]`).
-#[derive(Debug, Clone, Default)]
+/// Keys and values of the positions seen so far, per layer, in preallocated storage
+/// `[batch, kv_heads, capacity, head_dim]` written in place (the capacity doubles when full).
+#[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<LayerKv>,
+    len: usize,
+}
+
+/// One layer's keys and values; positions `0..len` of the capacity axis are valid.
+#[derive(Debug)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+}
+
+impl Clone for KvCache {
+    /// A deep copy: the copies then grow independently.
+    fn clone(&self) -> KvCache {
+        let copy = |t: &Tensor| Tensor::from_storage(t.storage().clone(), t.layout().clone());
+        KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerKv {
+                    k: copy(&l.k),
+                    v: copy(&l.v),
+                })
+                .collect(),
+            len: self.len,
+        }
+    }
 }
 
 impl KvCache {
@@ -491,20 +518,74 @@ impl KvCache {
 
     /// Positions cached.
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map_or(0, |(k, _)| k.dim(2))
+        self.len
     }
 
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
-    /// Drops everything cached.
+    /// Drops everything cached (the storage is kept for reuse).
     pub fn clear(&mut self) {
-        self.layers.clear();
+        self.len = 0;
+    }
+
+    /// Makes room for `extra` more positions of `layers` layers of `[batch, kv, _, hd]`,
+    /// doubling the capacity as often as needed and keeping what is cached.
+    fn reserve(&mut self, layers: usize, [batch, kv, hd]: [usize; 3], extra: usize, dtype: DType) {
+        let need = self.len + extra;
+        let fits = self.layers.len() == layers
+            && self.layers.first().is_none_or(|l| {
+                l.k.dims()[..2] == [batch, kv] && l.k.dim(3) == hd && l.k.dtype() == dtype
+            });
+        if !fits {
+            assert!(
+                self.len == 0,
+                "KvCache: {} cached positions of shape {:?} cannot take a batch of {batch} × {kv} heads × {hd} ({dtype}); clear() it first",
+                self.len,
+                self.layers.first().map(|l| l.k.dims().to_vec())
+            );
+            self.layers.clear();
+        }
+        let cap = self.layers.first().map_or(0, |l| l.k.dim(2));
+        if !self.layers.is_empty() && need <= cap {
+            return;
+        }
+        let mut new_cap = cap.max(16);
+        while new_cap < need {
+            new_cap *= 2;
+        }
+        let len = self.len;
+        let grow = |old: Option<&Tensor>| -> Tensor {
+            let t = Tensor::zeros_dtype([batch, kv, new_cap, hd], dtype);
+            if let Some(old) = old.filter(|_| len > 0) {
+                t.narrow(2, 0, len).assign(&old.narrow(2, 0, len));
+            }
+            t
+        };
+        if self.layers.is_empty() {
+            self.layers = (0..layers)
+                .map(|_| LayerKv {
+                    k: grow(None),
+                    v: grow(None),
+                })
+                .collect();
+        } else {
+            for l in &mut self.layers {
+                l.k = grow(Some(&l.k));
+                l.v = grow(Some(&l.v));
+            }
+        }
+    }
+}
+
+impl LayerKv {
+    /// Writes `k`, `v` `[batch, kv, l, hd]` (any layout) at positions `at..at + l`.
+    fn write(&self, at: usize, k: &Tensor, v: &Tensor) {
+        for (dst, src) in [(&self.k, k), (&self.v, v)] {
+            dst.narrow(2, at, src.dim(2)).assign(&src.detach());
+        }
     }
 }
 
@@ -554,7 +635,8 @@ pub struct LlamaForCausalLM {
     inv_freq: Vec<f64>,
 }
 
-/// `rotate_half` RoPE on `x [b, heads, len, head_dim]` with `cos`/`sin` `[len, head_dim]`.
+/// `rotate_half` RoPE on `x [b, heads, len, head_dim]` with `cos`/`sin` `[len, head_dim]`
+/// (differentiable).
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let half = x.dim(-1) / 2;
     let x1 = x.narrow(-1, 0, half);
@@ -563,15 +645,113 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     x.mul(cos).add(&rotated.mul(sin))
 }
 
+/// The RoPE angles of `len` consecutive positions: `cos`/`sin` `[len, head_dim / 2]` (f64).
+struct RopeTable {
+    cos: Vec<f64>,
+    sin: Vec<f64>,
+    half: usize,
+}
+
+impl RopeTable {
+    fn new(inv_freq: &[f64], head_dim: usize, start: usize, len: usize) -> RopeTable {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in start..start + len {
+            for &f in &inv_freq[..half] {
+                let a = p as f64 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        RopeTable { cos, sin, half }
+    }
+
+    /// `cos`/`sin` `[len, head_dim]` (each half repeated) in `dtype`, for [`apply_rope`].
+    fn tensors(&self, dtype: DType) -> (Tensor, Tensor) {
+        let len = self.cos.len() / self.half.max(1);
+        let full = |t: &[f64]| {
+            let v: Vec<f64> = t
+                .chunks_exact(self.half)
+                .flat_map(|r| r.iter().chain(r).copied())
+                .collect();
+            Tensor::from_vec(v, [len, 2 * self.half]).to_dtype(dtype)
+        };
+        (full(&self.cos), full(&self.sin))
+    }
+
+    /// RoPE on `x [b, len, heads·head_dim]` in one pass, without temporaries (records no
+    /// graph: for inputs that do not track gradients). Rounds as [`apply_rope`] does.
+    fn apply(&self, x: &Tensor) -> Tensor {
+        let (b, l, width) = (x.dim(0), x.dim(1), x.dim(2));
+        let hd = 2 * self.half;
+        let x = x.contiguous();
+        let storage = kiln_core::dispatch_float!(x.dtype(), "rope", |T| {
+            let s = x.storage();
+            let src = &<T as kiln_core::Element>::slice(&s).expect("float")
+                [x.layout().contiguous_range().expect("contiguous")];
+            let mut out = kiln_core::alloc::Buffer::<T>::uninit(b * l * width);
+            for (r, (o, xr)) in out
+                .chunks_exact_mut(width)
+                .zip(src.chunks_exact(width))
+                .enumerate()
+            {
+                let pos = r % l;
+                let cos = &self.cos[pos * self.half..(pos + 1) * self.half];
+                let sin = &self.sin[pos * self.half..(pos + 1) * self.half];
+                for (oh, xh) in o.chunks_exact_mut(hd).zip(xr.chunks_exact(hd)) {
+                    let (x1, x2) = xh.split_at(self.half);
+                    let (o1, o2) = oh.split_at_mut(self.half);
+                    for i in 0..self.half {
+                        let (c, sn) = (cos[i] as T, sin[i] as T);
+                        o1[i] = x1[i] * c + (-x2[i]) * sn;
+                        o2[i] = x2[i] * c + x1[i] * sn;
+                    }
+                }
+            }
+            <T as kiln_core::Element>::into_storage(out)
+        });
+        Tensor::from_storage(
+            storage,
+            kiln_core::Layout::contiguous(kiln_core::Shape::from([b, l, width])),
+        )
+    }
+}
+
+/// The products of `x` with several projections: one pass over the activations (and one
+/// thread dispatch for a single row) when all are quantised the same way.
+fn project_many<const N: usize>(projs: [&Proj; N], x: &Tensor) -> [Tensor; N] {
+    let quant: Option<(Vec<&QMatrix>, QuantActivations)> = projs
+        .iter()
+        .try_fold(
+            (Vec::with_capacity(N), None::<QuantActivations>),
+            |(mut ws, act), p| match p {
+                Proj::Quant(q, a) if act.is_none_or(|b| b == *a) => {
+                    ws.push(q);
+                    Some((ws, Some(*a)))
+                }
+                _ => None,
+            },
+        )
+        .and_then(|(ws, act)| act.map(|a| (ws, a)));
+    match quant {
+        Some((ws, act)) => x
+            .qmatmul_many(&ws, act == QuantActivations::Q8)
+            .try_into()
+            .expect("one product per projection"),
+        None => projs.map(|p| p.forward(x)),
+    }
+}
+
 impl LlamaAttention {
-    #[allow(clippy::too_many_arguments)]
+    /// Attention over `x [b, l, hidden]` at positions `past..past + l`, where `cache` (when
+    /// given) holds positions `0..past` and receives the new keys and values.
     fn forward(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: &RopeTable,
         config: &LlamaConfig,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&LayerKv, usize)>,
     ) -> Tensor {
         let (b, l) = (x.dim(0), x.dim(1));
         let (h, kv, hd) = (
@@ -579,21 +759,43 @@ impl LlamaAttention {
             config.num_key_value_heads,
             config.head_dim,
         );
-        let heads = |t: Tensor, n: usize| t.reshape([b, l, n, hd]).transpose(1, 2);
-        let q = apply_rope(&heads(self.q_proj.forward(x), h), cos, sin);
-        let mut k = apply_rope(&heads(self.k_proj.forward(x), kv), cos, sin);
-        let mut v = heads(self.v_proj.forward(x), kv);
-        let past = match cache {
-            Some(slot) => {
-                let past = slot.as_ref().map_or(0, |(pk, _)| pk.dim(2));
-                if let Some((pk, pv)) = slot.take() {
-                    k = Tensor::cat(&[pk, k], 2);
-                    v = Tensor::cat(&[pv, v], 2);
+        let [q, k, v] = project_many([&self.q_proj, &self.k_proj, &self.v_proj], x);
+        let track = q.tracks_grad() || k.tracks_grad() || v.tracks_grad();
+        let heads = |t: &Tensor, n: usize| t.reshape([b, l, n, hd]).transpose(1, 2);
+        let (q_rows, q, k) = if track {
+            let (cos, sin) = rope.tensors(q.dtype());
+            let q = apply_rope(&heads(&q, h), &cos, &sin);
+            (None, q, apply_rope(&heads(&k, kv), &cos, &sin))
+        } else {
+            let q = rope.apply(&q);
+            (Some(q.clone()), heads(&q, h), heads(&rope.apply(&k), kv))
+        };
+        let v = heads(&v, kv);
+        let (k, v, past) = match cache {
+            Some((slot, past)) => {
+                slot.write(past, &k, &v);
+                let s = past + l;
+                if let (Some(q_rows), 1) = (&q_rows, l) {
+                    // One new position: the fused kernel reads the cache where it lies.
+                    let out = q_rows.decode_attention(&slot.k, &slot.v, s);
+                    return self.o_proj.forward(&out);
                 }
-                *slot = Some((k.detach(), v.detach()));
-                past
+                let (pk, pv) = (slot.k.narrow(2, 0, s), slot.v.narrow(2, 0, s));
+                if track && past > 0 {
+                    // Gradients reach the new keys and values, not the cached ones.
+                    let old = |t: &Tensor| t.narrow(2, 0, past).contiguous_copy();
+                    (
+                        Tensor::cat(&[old(&pk), k], 2),
+                        Tensor::cat(&[old(&pv), v], 2),
+                        past,
+                    )
+                } else if track {
+                    (k, v, past)
+                } else {
+                    (pk, pv, past)
+                }
             }
-            None => 0,
+            None => (k, v, 0),
         };
         let s = k.dim(2);
         // Grouped heads: q [b, kv, h/kv, l, hd] against k, v [b, kv, 1, s, hd].
@@ -631,52 +833,54 @@ impl LlamaAttention {
 
 impl LlamaMlp {
     fn forward(&self, x: &Tensor) -> Tensor {
-        let gate = self.gate_proj.forward(x).silu();
-        self.down_proj.forward(&gate.mul(&self.up_proj.forward(x)))
+        let [gate, up] = project_many([&self.gate_proj, &self.up_proj], x);
+        self.down_proj.forward(&gate.silu().mul(&up))
     }
 }
 
 impl LlamaForCausalLM {
     /// Logits `[batch, len, vocab]` for token ids `[batch, len]` (I64), continuing the positions
     /// in `cache` (and appending the new keys and values to it) when one is given.
-    pub fn forward_with_cache(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Tensor {
+    pub fn forward_with_cache(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Tensor {
+        let h = self.hidden_states(ids, cache);
+        self.head(&h)
+    }
+
+    /// The output projection of final hidden states `[.., hidden]`.
+    fn head(&self, h: &Tensor) -> Tensor {
+        match &self.lm_head {
+            Some(head) => head.forward(h),
+            None => self.model.embed_tokens.project(h),
+        }
+    }
+
+    /// The normed last hidden states `[batch, len, hidden]` (see `forward_with_cache`).
+    fn hidden_states(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Tensor {
         assert!(
             ids.rank() == 2,
             "LlamaForCausalLM: token ids must be [batch, len], got {}",
             ids.shape()
         );
-        let l = ids.dim(1);
-        let past = cache.as_ref().map_or(0, |c| c.len());
+        let (b, l) = (ids.dim(0), ids.dim(1));
         let config = &self.config;
         let dtype = self.dtype();
-        // cos / sin [l, head_dim] for positions past..past+l (f64 angles, then the model dtype).
-        let half = config.head_dim / 2;
-        let mut cos = Vec::with_capacity(l * config.head_dim);
-        let mut sin = Vec::with_capacity(l * config.head_dim);
-        for p in past..past + l {
-            for _ in 0..2 {
-                for &f in &self.inv_freq[..half] {
-                    let a = p as f64 * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
-                }
-            }
-        }
-        let cos = Tensor::from_vec(cos, [l, config.head_dim]).to_dtype(dtype);
-        let sin = Tensor::from_vec(sin, [l, config.head_dim]).to_dtype(dtype);
         if let Some(c) = cache.as_deref_mut() {
-            c.layers.resize(config.num_hidden_layers, None);
+            c.reserve(
+                config.num_hidden_layers,
+                [b, config.num_key_value_heads, config.head_dim],
+                l,
+                dtype,
+            );
         }
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let rope = RopeTable::new(&self.inv_freq, config.head_dim, past, l);
         let mut h = self.model.embed_tokens.lookup(ids).to_dtype(dtype);
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let a = layer.self_attn.forward(
-                &layer.input_layernorm.forward(&h),
-                &cos,
-                &sin,
-                config,
-                slot,
-            );
+            let slot = cache.as_deref().map(|c| (&c.layers[i], past));
+            let a =
+                layer
+                    .self_attn
+                    .forward(&layer.input_layernorm.forward(&h), &rope, config, slot);
             h = h.add(&a);
             h = h.add(
                 &layer
@@ -684,11 +888,10 @@ impl LlamaForCausalLM {
                     .forward(&layer.post_attention_layernorm.forward(&h)),
             );
         }
-        let h = self.model.norm.forward(&h);
-        match &self.lm_head {
-            Some(head) => head.forward(&h),
-            None => self.model.embed_tokens.project(&h),
+        if let Some(c) = cache {
+            c.len = past + l;
         }
+        self.model.norm.forward(&h)
     }
 
     /// The float dtype of the activations (that of the norms' weights).
@@ -1249,16 +1452,227 @@ impl CausalLm for LlamaForCausalLM {
 
     fn next_logits(&self, ids: &[u32], cache: &mut KvCache) -> Vec<f32> {
         let t = Tensor::from_vec(ids.iter().map(|&i| i as i64).collect(), [1, ids.len()]);
-        let logits = kiln_core::with_no_grad(|| self.forward_with_cache(&t, Some(cache)));
-        let v = logits.dim(-1);
-        logits
-            .narrow(1, ids.len() - 1, 1)
-            .reshape([v])
-            .to_dtype(DType::F32)
-            .to_vec::<f32>()
+        // Only the last position's logits are wanted: project just that row.
+        let logits = kiln_core::with_no_grad(|| {
+            let h = self.hidden_states(&t, Some(cache));
+            self.head(&h.narrow(1, ids.len() - 1, 1))
+        });
+        logits.to_dtype(DType::F32).to_vec::<f32>()
     }
 
     fn vocab_size(&self) -> usize {
         self.config.vocab_size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(kv_heads: usize) -> LlamaConfig {
+        LlamaConfig {
+            vocab_size: 50,
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: kv_heads,
+            head_dim: 16,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            max_position_embeddings: 128,
+            tie_word_embeddings: true,
+        }
+    }
+
+    /// The same random model with every projection quantised (Q4_1) and, if tied, the table.
+    fn quantised(m: &LlamaForCausalLM, act: QuantActivations) -> LlamaForCausalLM {
+        let mut q = m.clone();
+        let quant =
+            |p: &mut Proj| *p = Proj::Quant(QMatrix::quantize(QType::Q4_1, &p.dense_weight()), act);
+        for l in &mut q.model.layers {
+            let (a, f) = (&mut l.self_attn, &mut l.mlp);
+            for p in [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut f.gate_proj,
+                &mut f.up_proj,
+                &mut f.down_proj,
+            ] {
+                quant(p);
+            }
+        }
+        if let TokenEmbedding::Dense(e) = &q.model.embed_tokens {
+            let table = QMatrix::quantize(QType::Q4_1, &e.weight.detach());
+            q.model.embed_tokens = TokenEmbedding::Quant(table, act);
+        }
+        q
+    }
+
+    fn ids(n: usize) -> Vec<u32> {
+        (0..n).map(|i| ((i * 17 + 3) % 50) as u32).collect()
+    }
+
+    fn row(ids: &[u32]) -> Tensor {
+        Tensor::from_vec(ids.iter().map(|&i| i as i64).collect(), [1, ids.len()])
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// Feeds `ids` in the chunks `sizes` through `cache` and checks every position's logits
+    /// against the full forward without a cache, within `tol` relative to the largest logit.
+    fn check_cached(model: &LlamaForCausalLM, cache: &mut KvCache, sizes: &[usize], tol: f32) {
+        let n: usize = sizes.iter().sum();
+        let all = ids(n);
+        let v = model.config.vocab_size;
+        let full = kiln_core::with_no_grad(|| model.forward(&row(&all))).to_vec::<f32>();
+        let mut at = 0;
+        for &len in sizes {
+            let got = kiln_core::with_no_grad(|| {
+                model.forward_with_cache(&row(&all[at..at + len]), Some(cache))
+            });
+            assert_eq!(got.dims(), &[1, len, v]);
+            let got = got.to_vec::<f32>();
+            let want = &full[at * v..(at + len) * v];
+            // f32 sums in another order: the bound scales with the logits' magnitude.
+            let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
+            let d = max_diff(&got, want);
+            assert!(
+                d <= tol * scale,
+                "positions {at}..{}: max diff {d} (logits up to {scale})",
+                at + len
+            );
+            at += len;
+            assert_eq!(cache.len(), at);
+        }
+    }
+
+    #[test]
+    fn in_place_cache_gives_the_full_forward_logits_across_growth() {
+        // A 5-token prompt, a 3-token chunk (masked path), then single tokens past the first
+        // two capacity doublings (16 -> 32 -> 64); grouped (2 kv heads) and plain heads.
+        let mut sizes = vec![5, 3];
+        sizes.extend(std::iter::repeat_n(1, 30));
+        for kv in [2, 4, 1] {
+            let model = LlamaForCausalLM::new(tiny(kv), &mut Rng::new(kv as u64));
+            let mut cache = model.new_cache();
+            assert!(cache.is_empty());
+            check_cached(&model, &mut cache, &sizes, 1e-5);
+            assert_eq!(cache.layers[0].k.dim(2), 64);
+        }
+    }
+
+    #[test]
+    fn cleared_cache_is_reused_and_clones_are_independent() {
+        let model = LlamaForCausalLM::new(tiny(2), &mut Rng::new(7));
+        let mut cache = KvCache::new();
+        check_cached(&model, &mut cache, &[20, 1, 1], 1e-5);
+        let snapshot = cache.clone();
+        cache.clear();
+        assert!(cache.is_empty());
+        // Reuse from scratch (same storage), then a different continuation of the snapshot.
+        check_cached(&model, &mut cache, &[2, 1, 1, 4, 1], 1e-5);
+        let mut fork = snapshot.clone();
+        assert_eq!(fork.len(), 22);
+        let step = |c: &mut KvCache| {
+            kiln_core::with_no_grad(|| model.forward_with_cache(&row(&[9]), Some(c)))
+                .to_vec::<f32>()
+        };
+        let mut again = snapshot.clone();
+        assert_eq!(step(&mut fork), step(&mut again));
+        let mut longer = ids(22);
+        longer.push(9);
+        let full = kiln_core::with_no_grad(|| model.forward(&row(&longer))).to_vec::<f32>();
+        assert!(max_diff(&step(&mut snapshot.clone()), &full[22 * 50..]) <= 1e-5);
+    }
+
+    #[test]
+    fn quantised_models_decode_like_their_full_forward() {
+        let dense = LlamaForCausalLM::new(tiny(2), &mut Rng::new(3));
+        let mut sizes = vec![9];
+        sizes.extend(std::iter::repeat_n(1, 10));
+        for act in [QuantActivations::F32, QuantActivations::Q8] {
+            let model = quantised(&dense, act);
+            check_cached(&model, &mut KvCache::new(), &sizes, 1e-4);
+        }
+    }
+
+    #[test]
+    fn next_logits_are_the_last_positions_logits() {
+        let model = LlamaForCausalLM::new(tiny(2), &mut Rng::new(5));
+        let all = ids(6);
+        let full = kiln_core::with_no_grad(|| model.forward(&row(&all))).to_vec::<f32>();
+        let mut cache = model.new_cache();
+        let got = model.next_logits(&all[..5], &mut cache);
+        assert!(max_diff(&got, &full[4 * 50..5 * 50]) <= 1e-5);
+        let got = model.next_logits(&all[5..], &mut cache);
+        assert!(max_diff(&got, &full[5 * 50..]) <= 1e-5);
+    }
+
+    #[test]
+    fn gradients_flow_through_a_cached_step() {
+        let model = LlamaForCausalLM::new(tiny(2), &mut Rng::new(11));
+        let all = ids(6);
+        let mut cache = KvCache::new();
+        kiln_core::with_no_grad(|| model.forward_with_cache(&row(&all[..4]), Some(&mut cache)));
+        let mut nograd = cache.clone();
+        let want = kiln_core::with_no_grad(|| {
+            model.forward_with_cache(&row(&all[4..]), Some(&mut nograd))
+        });
+        let got = model.forward_with_cache(&row(&all[4..]), Some(&mut cache));
+        assert!(got.tracks_grad());
+        assert!(max_diff(&got.to_vec::<f32>(), &want.to_vec::<f32>()) <= 1e-5);
+        got.sum_all().backward();
+        let q = match &model.model.layers[0].self_attn.q_proj {
+            Proj::Dense(l) => l.weight.grad().expect("q_proj has a gradient"),
+            Proj::Quant(..) => unreachable!("dense model"),
+        };
+        assert!(q.to_vec::<f32>().iter().any(|g| *g != 0.0));
+        // A single tracked step too (the fused kernel is for inference only).
+        let one = model.forward_with_cache(&row(&[1]), Some(&mut cache));
+        assert!(one.tracks_grad());
+        assert_eq!(cache.len(), 7);
+    }
+
+    #[test]
+    fn fused_decode_attention_equals_scaled_dot_product_attention() {
+        for dtype in [DType::F32, DType::F64] {
+            for (h, kv) in [(9, 3), (4, 4), (6, 1)] {
+                let (b, hd, cap) = (2, 16, 24);
+                let k = Tensor::randn([b, kv, cap, hd], 1).to_dtype(dtype);
+                let v = Tensor::randn([b, kv, cap, hd], 2).to_dtype(dtype);
+                let q = Tensor::randn([b, 1, h * hd], 3).to_dtype(dtype);
+                for len in [1, 16, 17, 24] {
+                    let got = kiln_core::with_no_grad(|| q.decode_attention(&k, &v, len));
+                    let want = scaled_dot_product_attention(
+                        &q.reshape([b, kv, h / kv, 1, hd]),
+                        &k.narrow(2, 0, len).unsqueeze(2),
+                        &v.narrow(2, 0, len).unsqueeze(2),
+                        None,
+                        false,
+                        0.0,
+                        false,
+                        &mut Rng::new(0),
+                    )
+                    .reshape([b, 1, h * hd]);
+                    let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+                    for (a, w) in got.to_f64_vec().iter().zip(want.to_f64_vec()) {
+                        assert!(
+                            (a - w).abs() <= tol * w.abs().max(1.0),
+                            "{dtype} len {len}: {a} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

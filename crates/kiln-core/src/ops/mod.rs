@@ -4,6 +4,7 @@ pub mod binary;
 pub mod compare;
 pub mod concat;
 pub mod conv;
+pub mod decode_attention;
 pub mod dropout;
 pub mod index;
 pub mod inplace;

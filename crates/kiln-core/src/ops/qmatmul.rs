@@ -352,8 +352,8 @@ fn block_params(ty: QType, b: &[u8]) -> (f32, f32, usize) {
 /// `Σ_j w[j]·x[j]` over one weight row and one f32 row; `xsum[b]` is the sum of block `b` of x.
 fn dot_row_f32(ty: QType, w: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if isa() >= Isa::Avx2 {
-        // SAFETY: AVX2 and FMA are available (checked by `isa`).
+    if simd_ok() {
+        // SAFETY: AVX2, FMA and F16C are available (checked by `simd_ok`).
         return unsafe { avx2::dot_row_f32(ty, w, x, xsum) };
     }
     let bb = ty.block_bytes();
@@ -410,8 +410,8 @@ fn quantize_row_q8(x: &[f32]) -> Q8Row {
 /// `Σ_j w[j]·x[j]` with both sides quantised (integer block dot products).
 fn dot_row_q8(ty: QType, w: &[u8], x: &Q8Row) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if isa() >= Isa::Avx2 {
-        // SAFETY: AVX2 and FMA are available (checked by `isa`).
+    if simd_ok() {
+        // SAFETY: AVX2, FMA and F16C are available (checked by `simd_ok`).
         return unsafe { avx2::dot_row_q8(ty, w, x) };
     }
     let bb = ty.block_bytes();
@@ -436,11 +436,11 @@ fn dot_row_q8(ty: QType, w: &[u8], x: &Q8Row) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{block_params, Q8Row, QType, QK};
+    use super::{Q8Row, QType, QK};
     use std::arch::x86_64::*;
 
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -448,16 +448,87 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// The little-endian half at `p`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn half_bits(p: *const u8) -> u16 {
+        u16::from_le_bytes([*p, *p.add(1)])
+    }
+
+    /// The half at `p` as f32 (F16C).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn half(p: *const u8) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(half_bits(p) as i32)))
+    }
+
+    /// Scale, offset term and where the quants start (see `block_params`), with F16C.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn params(ty: QType, b: *const u8) -> (f32, f32, usize) {
+        let d = half(b);
+        match ty {
+            QType::Q8_0 => (d, 0.0, 2),
+            QType::Q4_0 => (d, -8.0 * d, 2),
+            QType::Q4_1 => (d, half(b.add(2)), 4),
+        }
+    }
+
     /// The 32 quants of a nibble block as bytes 0..32 (low nibbles, then high nibbles).
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn nibbles(p: *const u8) -> __m256i {
         let raw = _mm_loadu_si128(p as *const __m128i);
         let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
         _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    /// The eight i32 partial sums of one block's integer dot product (weight quants at `q`,
+    /// activation quants `xq`), as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block_dot_q8(ty: QType, q: *const u8, xq: __m256i) -> __m256 {
+        // maddubs multiplies unsigned by signed bytes: make the weight side non-negative.
+        let prod = if ty == QType::Q8_0 {
+            let wq = _mm256_loadu_si256(q as *const __m256i);
+            _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq))
+        } else {
+            _mm256_maddubs_epi16(nibbles(q), xq)
+        };
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, _mm256_set1_epi16(1)))
+    }
+
+    /// `Σ q·x` over one block with f32 activations at `xp` (the weight quants at `q`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block_dot_f32(ty: QType, q: *const u8, xp: *const f32) -> __m256 {
+        let (q0, q1, q2, q3) = if ty == QType::Q8_0 {
+            let lo = _mm_loadu_si128(q as *const __m128i);
+            let hi = _mm_loadu_si128(q.add(16) as *const __m128i);
+            (
+                _mm256_cvtepi8_epi32(lo),
+                _mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)),
+                _mm256_cvtepi8_epi32(hi),
+                _mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)),
+            )
+        } else {
+            let n = nibbles(q);
+            let lo = _mm256_castsi256_si128(n);
+            let hi = _mm256_extracti128_si256(n, 1);
+            (
+                _mm256_cvtepu8_epi32(lo),
+                _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
+                _mm256_cvtepu8_epi32(hi),
+                _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)),
+            )
+        };
+        let mut s = _mm256_mul_ps(_mm256_cvtepi32_ps(q0), _mm256_loadu_ps(xp));
+        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), _mm256_loadu_ps(xp.add(8)), s);
+        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q2), _mm256_loadu_ps(xp.add(16)), s);
+        _mm256_fmadd_ps(_mm256_cvtepi32_ps(q3), _mm256_loadu_ps(xp.add(24)), s)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_row_f32(ty: QType, w: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
         let bb = ty.block_bytes();
         let blocks = w.len() / bb;
@@ -465,66 +536,225 @@ mod avx2 {
         let mut acc = _mm256_setzero_ps();
         let mut offset_term = 0f32;
         for b in 0..blocks {
-            let blk = &w[b * bb..(b + 1) * bb];
-            let (d, c, at) = block_params(ty, blk);
-            let q = blk.as_ptr().add(at);
-            let xp = x.as_ptr().add(b * QK);
-            let (q0, q1, q2, q3) = if ty == QType::Q8_0 {
-                let lo = _mm_loadu_si128(q as *const __m128i);
-                let hi = _mm_loadu_si128(q.add(16) as *const __m128i);
-                (
-                    _mm256_cvtepi8_epi32(lo),
-                    _mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)),
-                    _mm256_cvtepi8_epi32(hi),
-                    _mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)),
-                )
-            } else {
-                let n = nibbles(q);
-                let lo = _mm256_castsi256_si128(n);
-                let hi = _mm256_extracti128_si256(n, 1);
-                (
-                    _mm256_cvtepu8_epi32(lo),
-                    _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
-                    _mm256_cvtepu8_epi32(hi),
-                    _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)),
-                )
-            };
-            let mut s = _mm256_mul_ps(_mm256_cvtepi32_ps(q0), _mm256_loadu_ps(xp));
-            s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), _mm256_loadu_ps(xp.add(8)), s);
-            s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q2), _mm256_loadu_ps(xp.add(16)), s);
-            s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q3), _mm256_loadu_ps(xp.add(24)), s);
+            let blk = w.as_ptr().add(b * bb);
+            let (d, c, at) = params(ty, blk);
+            let s = block_dot_f32(ty, blk.add(at), x.as_ptr().add(b * QK));
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
             offset_term += c * xsum[b];
         }
         hsum(acc) + offset_term
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_row_q8(ty: QType, w: &[u8], x: &Q8Row) -> f32 {
         let bb = ty.block_bytes();
         let blocks = w.len() / bb;
-        assert!(x.q.len() >= blocks * QK && x.d.len() >= blocks);
-        let ones = _mm256_set1_epi16(1);
+        assert!(x.q.len() >= blocks * QK && x.d.len() >= blocks && x.dsum.len() >= blocks);
         let mut acc = _mm256_setzero_ps();
         let mut offset_term = 0f32;
         for b in 0..blocks {
-            let blk = &w[b * bb..(b + 1) * bb];
-            let (d, c, at) = block_params(ty, blk);
-            let q = blk.as_ptr().add(at);
+            let blk = w.as_ptr().add(b * bb);
+            let (d, c, at) = params(ty, blk);
             let xq = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
-            // maddubs multiplies unsigned by signed bytes: make the weight side non-negative.
-            let prod = if ty == QType::Q8_0 {
-                let wq = _mm256_loadu_si256(q as *const __m256i);
-                _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq))
-            } else {
-                _mm256_maddubs_epi16(nibbles(q), xq)
-            };
-            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, ones));
+            let sums = block_dot_q8(ty, blk.add(at), xq);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), sums, acc);
             offset_term += c * x.dsum[b];
         }
         hsum(acc) + offset_term
     }
+
+    /// Scales `d` and offset terms `c` (value = `d·q + c`) of block `b` of four rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn params4(ty: QType, p: [*const u8; 4]) -> (__m128, __m128) {
+        let d = halves4(p, 0);
+        let c = match ty {
+            QType::Q8_0 => _mm_setzero_ps(),
+            QType::Q4_0 => _mm_mul_ps(d, _mm_set1_ps(-8.0)),
+            QType::Q4_1 => halves4(p, 2),
+        };
+        (d, c)
+    }
+
+    /// The halves at byte `o` of four blocks, as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn halves4(p: [*const u8; 4], o: usize) -> __m128 {
+        _mm_cvtph_ps(_mm_setr_epi16(
+            half_bits(p[0].add(o)) as i16,
+            half_bits(p[1].add(o)) as i16,
+            half_bits(p[2].add(o)) as i16,
+            half_bits(p[3].add(o)) as i16,
+            0,
+            0,
+            0,
+            0,
+        ))
+    }
+
+    /// Lane `r` of `v` in all eight lanes (`vv` is `v` in both halves).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn lane(vv: __m256, r: usize) -> __m256 {
+        match r {
+            0 => _mm256_permute_ps(vv, 0x00),
+            1 => _mm256_permute_ps(vv, 0x55),
+            2 => _mm256_permute_ps(vv, 0xaa),
+            _ => _mm256_permute_ps(vv, 0xff),
+        }
+    }
+
+    /// Four weight rows dotted with one 8-bit activation row (each activation block loaded
+    /// once for the four).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot4_q8(ty: QType, w: [&[u8]; 4], x: &Q8Row) -> [f32; 4] {
+        let bb = ty.block_bytes();
+        let blocks = w[0].len() / bb;
+        assert!(w.iter().all(|r| r.len() == blocks * bb));
+        assert!(x.q.len() >= blocks * QK && x.d.len() >= blocks && x.dsum.len() >= blocks);
+        let at = if ty == QType::Q4_1 { 4 } else { 2 };
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut off = _mm_setzero_ps();
+        for b in 0..blocks {
+            let p = [
+                w[0].as_ptr().add(b * bb),
+                w[1].as_ptr().add(b * bb),
+                w[2].as_ptr().add(b * bb),
+                w[3].as_ptr().add(b * bb),
+            ];
+            let (d, c) = params4(ty, p);
+            let dx = _mm_mul_ps(d, _mm_set1_ps(*x.d.get_unchecked(b)));
+            let dxx = _mm256_set_m128(dx, dx);
+            off = _mm_fmadd_ps(c, _mm_set1_ps(*x.dsum.get_unchecked(b)), off);
+            let xq = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
+            for r in 0..4 {
+                let s = block_dot_q8(ty, p[r].add(at), xq);
+                acc[r] = _mm256_fmadd_ps(lane(dxx, r), s, acc[r]);
+            }
+        }
+        let mut o = [0f32; 4];
+        _mm_storeu_ps(o.as_mut_ptr(), off);
+        [
+            hsum(acc[0]) + o[0],
+            hsum(acc[1]) + o[1],
+            hsum(acc[2]) + o[2],
+            hsum(acc[3]) + o[3],
+        ]
+    }
+
+    /// Four weight rows dotted with one f32 activation row.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot4_f32(ty: QType, w: [&[u8]; 4], x: &[f32], xsum: &[f32]) -> [f32; 4] {
+        let bb = ty.block_bytes();
+        let blocks = w[0].len() / bb;
+        assert!(w.iter().all(|r| r.len() == blocks * bb));
+        assert!(x.len() >= blocks * QK && xsum.len() >= blocks);
+        let at = if ty == QType::Q4_1 { 4 } else { 2 };
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut off = _mm_setzero_ps();
+        for b in 0..blocks {
+            let p = [
+                w[0].as_ptr().add(b * bb),
+                w[1].as_ptr().add(b * bb),
+                w[2].as_ptr().add(b * bb),
+                w[3].as_ptr().add(b * bb),
+            ];
+            let (d, c) = params4(ty, p);
+            let dd = _mm256_set_m128(d, d);
+            off = _mm_fmadd_ps(c, _mm_set1_ps(*xsum.get_unchecked(b)), off);
+            let xp = x.as_ptr().add(b * QK);
+            for r in 0..4 {
+                let s = block_dot_f32(ty, p[r].add(at), xp);
+                acc[r] = _mm256_fmadd_ps(lane(dd, r), s, acc[r]);
+            }
+        }
+        let mut o = [0f32; 4];
+        _mm_storeu_ps(o.as_mut_ptr(), off);
+        [
+            hsum(acc[0]) + o[0],
+            hsum(acc[1]) + o[1],
+            hsum(acc[2]) + o[2],
+            hsum(acc[3]) + o[3],
+        ]
+    }
+}
+
+// ------------------------------------------------------------- several weight rows at once
+
+/// Whether the AVX2 kernels (which also need F16C for the block scales) can run.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn simd_ok() -> bool {
+    isa() >= Isa::Avx2 && std::arch::is_x86_feature_detected!("f16c")
+}
+
+/// One activation row, prepared once for any number of weight rows.
+enum Prepared<'a> {
+    /// f32 values and their per-block sums.
+    F32 { x: &'a [f32], xsum: &'a [f32] },
+    /// 8-bit quantised values.
+    Q8(&'a Q8Row),
+}
+
+/// `out[j] = W[first + j] · x` for `out.len()` consecutive weight rows, four rows per pass
+/// over the activations where the CPU allows.
+fn dot_rows(w: &QMatrix, first: usize, x: &Prepared, out: &mut [f32]) {
+    let ty = w.qtype();
+    let rb = w.row_bytes();
+    let all = w.bytes();
+    let rows = |j: usize, n: usize| &all[(first + j) * rb..(first + j + n) * rb];
+    #[cfg(target_arch = "x86_64")]
+    if simd_ok() {
+        let mut j = 0;
+        while j + 4 <= out.len() {
+            let r = rows(j, 4);
+            let four = [&r[..rb], &r[rb..2 * rb], &r[2 * rb..3 * rb], &r[3 * rb..]];
+            // SAFETY: AVX2, FMA and F16C are available (checked by `simd_ok`).
+            let v = unsafe {
+                match x {
+                    Prepared::F32 { x, xsum } => avx2::dot4_f32(ty, four, x, xsum),
+                    Prepared::Q8(q) => avx2::dot4_q8(ty, four, q),
+                }
+            };
+            out[j..j + 4].copy_from_slice(&v);
+            j += 4;
+        }
+        for (jj, o) in out.iter_mut().enumerate().skip(j) {
+            *o = match x {
+                Prepared::F32 { x, xsum } => dot_row_f32(ty, rows(jj, 1), x, xsum),
+                Prepared::Q8(q) => dot_row_q8(ty, rows(jj, 1), q),
+            };
+        }
+        return;
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = match x {
+            Prepared::F32 { x, xsum } => dot_row_f32(ty, rows(j, 1), x, xsum),
+            Prepared::Q8(q) => dot_row_q8(ty, rows(j, 1), q),
+        };
+    }
+}
+
+/// One activation row times several matrices of its width, their outputs one after the other
+/// in the result; the rows of all of them are split evenly over the threads in one dispatch.
+fn matvec_many(ws: &[&QMatrix], x: &Prepared) -> Buffer<f32> {
+    let total: usize = ws.iter().map(|w| w.dims().0).sum();
+    let k = ws.first().map_or(0, |w| w.dims().1);
+    let mut out = Buffer::<f32>::uninit(total);
+    parallel::for_each_split(&mut out, 4, total * k, |start, part| {
+        // Walk the matrices that overlap [start, start + part.len()).
+        let (mut at, mut base) = (0usize, 0usize);
+        for w in ws {
+            let n = w.dims().0;
+            let (lo, hi) = (start.max(base), (start + part.len()).min(base + n));
+            if lo < hi {
+                dot_rows(w, lo - base, x, &mut part[at..at + hi - lo]);
+                at += hi - lo;
+            }
+            base += n;
+        }
+    });
+    out
 }
 
 // ------------------------------------------------------------------------- the products
@@ -564,47 +794,27 @@ fn per_output(
     out
 }
 
-/// Decode (one row of x): `out[j] = dot(j)` for every weight row, split over threads.
-fn per_weight_row(w: &QMatrix, dot: impl Fn(usize) -> f32 + Sync) -> Buffer<f32> {
-    let (n, k) = w.dims();
-    let mut out = Buffer::<f32>::uninit(n);
-    let fill = |start: usize, o: &mut [f32]| {
-        for (j, v) in o.iter_mut().enumerate() {
-            *v = dot(start + j);
-        }
-    };
-    if parallel::num_threads() > 1 && n * k >= PARALLEL_THRESHOLD {
-        use rayon::prelude::*;
-        let chunk = n.div_ceil(parallel::num_threads() * 4).max(1);
-        parallel::install(|| {
-            out.par_chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(c, o)| fill(c * chunk, o))
-        });
-    } else {
-        fill(0, &mut out);
-    }
-    out
-}
-
 /// `x[m, k] · Wᵀ` with f32 activations.
 fn forward_f32(x: &[f32], m: usize, w: &QMatrix) -> Buffer<f32> {
     let (n, k) = w.dims();
     if m >= DEQUANT_GEMM_ROWS {
         return forward_tiles(x, m, w);
     }
-    let xsum: Vec<f32> = x.chunks_exact(QK).map(|b| b.iter().sum()).collect();
+    let xsum = block_sums(x);
     let blocks = k / QK;
     if m == 1 {
-        return per_weight_row(w, |j| dot_row_f32(w.qtype(), w.row(j), x, &xsum));
+        return matvec_many(&[w], &Prepared::F32 { x, xsum: &xsum });
     }
     per_output(m, n, n * k, |i, o| {
         let xr = &x[i * k..(i + 1) * k];
         let xs = &xsum[i * blocks..(i + 1) * blocks];
-        for (j, v) in o.iter_mut().enumerate() {
-            *v = dot_row_f32(w.qtype(), w.row(j), xr, xs);
-        }
+        dot_rows(w, 0, &Prepared::F32 { x: xr, xsum: xs }, o);
     })
+}
+
+/// The sum of every block of 32 values of `x`.
+fn block_sums(x: &[f32]) -> Vec<f32> {
+    x.chunks_exact(QK).map(|b| b.iter().sum()).collect()
 }
 
 /// The gemm path: tiles of W decoded to f32, each multiplied with all of x.
@@ -648,16 +858,20 @@ fn forward_tiles(x: &[f32], m: usize, w: &QMatrix) -> Buffer<f32> {
 }
 
 /// `x[m, k] · Wᵀ` with 8-bit activations.
-fn forward_q8(x: &[f32], m: usize, w: &QMatrix) -> Buffer<f32> {
-    let (n, k) = w.dims();
+fn forward_q8(x: &[f32], _m: usize, w: &QMatrix) -> Buffer<f32> {
+    let k = w.dims().1;
     let rows: Vec<Q8Row> = x.chunks_exact(k).map(quantize_row_q8).collect();
-    if m == 1 {
-        return per_weight_row(w, |j| dot_row_q8(w.qtype(), w.row(j), &rows[0]));
+    forward_q8_rows(&rows, w)
+}
+
+/// `x · Wᵀ` for activation rows already quantised.
+fn forward_q8_rows(rows: &[Q8Row], w: &QMatrix) -> Buffer<f32> {
+    let (n, k) = w.dims();
+    if rows.len() == 1 {
+        return matvec_many(&[w], &Prepared::Q8(&rows[0]));
     }
-    per_output(m, n, n * k, |i, o| {
-        for (j, v) in o.iter_mut().enumerate() {
-            *v = dot_row_q8(w.qtype(), w.row(j), &rows[i]);
-        }
+    per_output(rows.len(), n, n * k, |i, o| {
+        dot_rows(w, 0, &Prepared::Q8(&rows[i]), o)
     })
 }
 
@@ -718,6 +932,78 @@ impl Tensor {
     /// llama.cpp does): faster, with a relative error of about 1e-2 on each product.
     pub fn qmatmul_q8(&self, w: &QMatrix) -> Tensor {
         qmatmul_with(self, w, "qmatmul_q8", forward_q8)
+    }
+
+    /// `[self · W₀ᵀ, self · W₁ᵀ, ..]` for quantised weights of one width (`self` `[.., k]`,
+    /// every `Wᵢ` `[nᵢ, k]`): equal to [`Tensor::qmatmul`] (or, with `q8`,
+    /// [`Tensor::qmatmul_q8`]) of each, but the activations are prepared (summed or quantised)
+    /// once, and for a single row the rows of all the matrices share one split over the
+    /// threads. Differentiable with respect to `self`.
+    pub fn qmatmul_many(&self, ws: &[&QMatrix], q8: bool) -> Vec<Tensor> {
+        let op = if q8 {
+            "qmatmul_many(q8)"
+        } else {
+            "qmatmul_many"
+        };
+        let Some(first) = ws.first() else {
+            return Vec::new();
+        };
+        let k = first.dims().1;
+        for w in ws {
+            assert!(
+                w.dims().1 == k,
+                "{op}: weights {:?} do not all have {k} columns",
+                ws.iter().map(|w| w.dims()).collect::<Vec<_>>()
+            );
+        }
+        let (out_dims, xc) = rows_of(self, first, op);
+        let m = xc.elem_count() / k;
+        let bufs: Vec<Buffer<f32>> = {
+            let s = xc.storage();
+            let data = crate::typed_slice!(s, f32, op);
+            let x = &data[xc.layout().contiguous_range().expect("contiguous")];
+            let split = |all: Buffer<f32>| -> Vec<Buffer<f32>> {
+                let mut at = 0;
+                ws.iter()
+                    .map(|w| {
+                        let n = w.dims().0;
+                        at += n;
+                        Buffer::from_slice(&all[at - n..at])
+                    })
+                    .collect()
+            };
+            match (q8, m) {
+                (true, _) => {
+                    let rows: Vec<Q8Row> = x.chunks_exact(k).map(quantize_row_q8).collect();
+                    if m == 1 {
+                        split(matvec_many(ws, &Prepared::Q8(&rows[0])))
+                    } else {
+                        ws.iter().map(|w| forward_q8_rows(&rows, w)).collect()
+                    }
+                }
+                (false, 1) => {
+                    let xsum = block_sums(x);
+                    split(matvec_many(ws, &Prepared::F32 { x, xsum: &xsum }))
+                }
+                (false, _) => ws.iter().map(|w| forward_f32(x, m, w)).collect(),
+            }
+        };
+        bufs.into_iter()
+            .zip(ws)
+            .map(|(buf, w)| {
+                let mut dims = out_dims.clone();
+                *dims.last_mut().expect("rank >= 1") = w.dims().0;
+                let out =
+                    Tensor::op_result(f32::into_storage(buf), Shape::from(dims), &[self], || {
+                        QMatmulBackward { w: (*w).clone() }
+                    });
+                if self.dtype() == DType::F32 {
+                    out
+                } else {
+                    out.to_dtype(self.dtype())
+                }
+            })
+            .collect()
     }
 }
 
@@ -914,5 +1200,64 @@ mod tests {
     fn wrong_width_panics_with_the_shapes() {
         let w = QMatrix::quantize(QType::Q8_0, &Tensor::randn([4, 32], 1));
         Tensor::randn([2, 5], 2).qmatmul(&w);
+    }
+
+    #[test]
+    fn several_matrices_at_once_equal_one_at_a_time() {
+        // Row counts that are not multiples of 4 exercise the single-row tails and the split
+        // across matrix boundaries; 2 threads and 1 thread give the same numbers.
+        for ty in TYPES {
+            let ws: Vec<QMatrix> = [(70, 1), (5, 2), (130, 3)]
+                .iter()
+                .map(|&(n, seed)| QMatrix::quantize(ty, &Tensor::randn([n, 512], seed)))
+                .collect();
+            let refs: Vec<&QMatrix> = ws.iter().collect();
+            for m in [1, 3, 9] {
+                let x = Tensor::randn([m, 512], 4);
+                for threads in [1, 2] {
+                    parallel::set_num_threads(threads);
+                    for q8 in [false, true] {
+                        let got = x.qmatmul_many(&refs, q8);
+                        for (g, w) in got.iter().zip(&ws) {
+                            let one = if q8 { x.qmatmul_q8(w) } else { x.qmatmul(w) };
+                            assert_eq!(g.dims(), one.dims());
+                            let err = max_rel(&g.to_vec::<f32>(), &one.to_f64_vec());
+                            assert!(err < 1e-6, "{ty} m={m} q8={q8}: {err}");
+                            let tol = if q8 { 2e-2 } else { 1e-5 };
+                            let err = max_rel(&g.to_vec::<f32>(), &reference(&x, w));
+                            assert!(err < tol, "{ty} m={m} q8={q8}: {err}");
+                        }
+                    }
+                }
+                parallel::set_num_threads(0);
+            }
+        }
+    }
+
+    #[test]
+    fn several_matrices_backprop_to_x() {
+        let a = QMatrix::quantize(QType::Q4_1, &Tensor::randn([6, 64], 12));
+        let b = QMatrix::quantize(QType::Q8_0, &Tensor::randn([3, 64], 13));
+        let x = randn_f64(&[1, 64], 14).requires_grad();
+        let y = x.qmatmul_many(&[&a, &b], true);
+        y[0].sum_all().add(&y[1].sum_all()).backward();
+        let ones = |n: usize| Tensor::ones([1, n]).to_dtype(DType::F64);
+        let want = ones(6)
+            .matmul(&a.dequantize().to_dtype(DType::F64))
+            .add(&ones(3).matmul(&b.dequantize().to_dtype(DType::F64)));
+        let got = x.grad().expect("x has a gradient").to_vec::<f64>();
+        for (g, w) in got.iter().zip(want.to_vec::<f64>()) {
+            assert!((g - w).abs() < 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+        }
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "qmatmul_many: weights [(4, 32), (4, 64)] do not all have 32 columns"
+    )]
+    fn several_matrices_of_different_widths_panic() {
+        let a = QMatrix::quantize(QType::Q8_0, &Tensor::randn([4, 32], 1));
+        let b = QMatrix::quantize(QType::Q8_0, &Tensor::randn([4, 64], 1));
+        Tensor::randn([1, 32], 2).qmatmul_many(&[&a, &b], false);
     }
 }
