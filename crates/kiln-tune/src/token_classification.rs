@@ -195,7 +195,11 @@ pub fn read_tagged(
                 let value: serde_json::Value = serde_json::from_str(text)
                     .map_err(|e| data_err(&file, *line, format!("invalid JSON: {e}")))?;
                 let obj = value.as_object().ok_or_else(|| {
-                    data_err(&file, *line, "expected a JSON object with the words and tags")
+                    data_err(
+                        &file,
+                        *line,
+                        "expected a JSON object with the words and tags",
+                    )
                 })?;
                 let list = |name: &str, ints: bool| -> Result<Vec<String>> {
                     let v = obj
@@ -522,7 +526,10 @@ impl TaggedDataset {
         if n < 2 {
             return Err(TuneError::config(
                 "valid_ratio",
-                format!("{} has {n} sentence(s); a split needs at least 2", self.origin),
+                format!(
+                    "{} has {n} sentence(s); a split needs at least 2",
+                    self.origin
+                ),
             ));
         }
         let order = permutation(n, seed);
@@ -809,7 +816,12 @@ impl TokenClassData {
     pub fn batch(&self, rows: &[usize]) -> TokenBatch {
         let rows_ex: Vec<(&EncodedWords, &[i64])> = rows
             .iter()
-            .map(|&i| (&self.examples[i].encoded, self.examples[i].labels.as_slice()))
+            .map(|&i| {
+                (
+                    &self.examples[i].encoded,
+                    self.examples[i].labels.as_slice(),
+                )
+            })
             .collect();
         pad_batch(&rows_ex, self.pad_id)
     }
@@ -961,9 +973,9 @@ impl TagScheme {
         if bmes && !labels.is_empty() {
             return TagScheme::Bmes;
         }
-        let bio = labels.iter().all(|l| {
-            l == "O" || ["B-", "I-", "E-", "S-"].iter().any(|p| l.starts_with(p))
-        });
+        let bio = labels
+            .iter()
+            .all(|l| l == "O" || ["B-", "I-", "E-", "S-"].iter().any(|p| l.starts_with(p)));
         if bio && labels.iter().any(|l| l != "O") {
             TagScheme::Bio
         } else {
@@ -1240,9 +1252,8 @@ pub fn evaluate_tokens<M: TokenClassifier + ?Sized>(
                 onehot.extend((0..classes).map(|c| if c == pi { 1.0f32 } else { 0.0 }));
                 gold_ids.push(gi as i64);
             }
-            let name = |v: &[usize]| -> Vec<&str> {
-                v.iter().map(|&k| data.labels[k].as_str()).collect()
-            };
+            let name =
+                |v: &[usize]| -> Vec<&str> { v.iter().map(|&k| data.labels[k].as_str()).collect() };
             m.update(&name(&g), &name(&p));
         }
         if !gold_ids.is_empty() {
@@ -1357,8 +1368,10 @@ pub fn is_token_classifier(dir: &Path) -> Result<bool> {
     Ok(v.get("architectures")
         .and_then(|a| a.as_array())
         .is_some_and(|a| {
-            a.iter()
-                .any(|x| x.as_str().is_some_and(|s| s.ends_with("ForTokenClassification")))
+            a.iter().any(|x| {
+                x.as_str()
+                    .is_some_and(|s| s.ends_with("ForTokenClassification"))
+            })
         }))
 }
 
