@@ -984,7 +984,7 @@ impl TagScheme {
     }
 
     /// The tag as the entity decoder reads it.
-    fn map<'a>(self, tag: &'a str) -> std::borrow::Cow<'a, str> {
+    fn map(self, tag: &str) -> std::borrow::Cow<'_, str> {
         match self {
             TagScheme::Bmes => match tag.to_ascii_uppercase().as_str() {
                 "M" => "I".into(),
