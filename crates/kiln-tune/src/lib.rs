@@ -14,6 +14,7 @@ pub mod plot;
 pub mod recipe;
 pub mod save;
 pub mod strategy;
+pub mod token_classification;
 pub mod trainer;
 
 pub use causal::{
@@ -31,6 +32,10 @@ pub use metrics::{Metric, MetricState};
 pub use recipe::{is_regression_model, predict_values, DataSpec, Recipe, RecipeReport, TaskKind};
 pub use save::{load_classifier, predict, save_classifier, Prediction};
 pub use strategy::{Method, Plan, Strategy};
+pub use token_classification::{
+    TagDataSpec, TagFormat, TaggedDataset, TokenClassData, TokenClassifier, TokenMetrics,
+    TokenRecipe,
+};
 pub use trainer::{
     evaluate, Callback, Evaluation, Schedule, SequenceModel, Task, TrainConfig, TrainReport,
     Trainer,

@@ -3,6 +3,8 @@
 
 #[path = "kiln/serve.rs"]
 mod serve;
+#[path = "kiln/tokcls.rs"]
+mod tokcls;
 #[path = "kiln/tune.rs"]
 mod tune;
 

@@ -1,5 +1,6 @@
 //! `kiln finetune`, `kiln eval` and `kiln predict`.
 
+use super::tokcls;
 use super::Error;
 use clap::{value_parser, Arg, ArgAction, ArgMatches, Command};
 use kiln::tune::causal::{CausalRecipe, InstructionSpec};
@@ -57,11 +58,11 @@ pub fn finetune_command() -> Command {
         .arg(
             Arg::new("task")
                 .long("task")
-                .value_parser(["auto", "classification", "regression", "causal-lm"])
-                .help("classification, regression (one output, MSE loss), causal-lm (instruction tuning of a chat model, loss on the responses; a recipe says task = \"causal_lm\"), or auto (default): classification, or regression when the labels are numbers, not all integers"),
+                .value_parser(["auto", "classification", "regression", "causal-lm", "token-classification"])
+                .help("classification, regression (one output, MSE loss), causal-lm (instruction tuning of a chat model, loss on the responses; a recipe says task = \"causal_lm\"), token-classification (one tag per word: NER, chunking, segmentation; a recipe says [data] task = \"token-classification\"), or auto (default): classification, or regression when the labels are numbers, not all integers"),
         )
         .arg(path_arg("model", "pretrained model directory (config.json, model.safetensors, tokenizer.json); with --task causal-lm also a .gguf file (dequantised)"))
-        .arg(path_arg("data", "training rows: .csv, .tsv or .jsonl with a header / fields"))
+        .arg(path_arg("data", "training rows: .csv, .tsv or .jsonl with a header / fields (token classification: also .conll or word/tag text)").alias("train"))
         .arg(path_arg("valid", "validation rows (default: hold out --valid-ratio of --data)"))
         .arg(num::<f64>("valid-ratio", "fraction of --data held out for validation (default 0.2)"))
         .arg(num::<u64>("split-seed", "seed of the train/validation split (default 0)"))
@@ -151,7 +152,7 @@ pub fn finetune_command() -> Command {
                 .action(ArgAction::SetTrue)
                 .help("ignore a checkpoint left in --out by an interrupted run"),
         );
-    columns_args(cmd)
+    tokcls::finetune_args(columns_args(cmd))
 }
 
 /// The `eval` command.
@@ -167,6 +168,7 @@ pub fn eval_command() -> Command {
             ))
             .arg(num::<usize>("batch-size", "rows per batch (default 64)")),
     )
+    .pipe(tokcls::token_args)
 }
 
 /// The `predict` command.
@@ -189,7 +191,29 @@ pub fn predict_command() -> Command {
             "tokens per row after truncation (default 128)",
         ))
         .arg(num::<usize>("batch-size", "rows per batch (default 64)"))
+        .arg(
+            Arg::new("words")
+                .long("words")
+                .action(ArgAction::SetTrue)
+                .help("token classification: each text is words separated by spaces (default: raw text, split into words by the tokenizer)"),
+        )
+        .arg(
+            Arg::new("logits")
+                .long("logits")
+                .action(ArgAction::SetTrue)
+                .help("token classification: also print each word's logits (its first sub-token's)"),
+        )
+        .pipe(tokcls::token_args)
 }
+
+/// `value.pipe(f)` = `f(value)`, to chain a builder through a function.
+trait Pipe: Sized {
+    fn pipe(self, f: impl FnOnce(Self) -> Self) -> Self {
+        f(self)
+    }
+}
+
+impl Pipe for Command {}
 
 fn get<T: Clone + Send + Sync + 'static>(m: &ArgMatches, name: &str) -> Option<T> {
     m.get_one::<T>(name).cloned()
@@ -234,6 +258,24 @@ fn apply_split_flags(
 
 /// Runs `kiln finetune`.
 pub fn run_finetune(m: &ArgMatches) -> Result<(), Error> {
+    if tokcls::wants_tokens(m)? {
+        return tokcls::run_finetune(
+            m,
+            |d| {
+                apply_split_flags(
+                    m,
+                    &mut d.train,
+                    &mut d.valid,
+                    &mut d.valid_ratio,
+                    &mut d.split_seed,
+                    &mut d.limit,
+                )
+            },
+            |s| apply_strategy_flags(m, s),
+            |t| apply_train_flags(m, t),
+        );
+    }
+    tokcls::reject_token_flags(m)?;
     let from_recipe = match get::<PathBuf>(m, "recipe") {
         Some(p) => recipe_task(&p)?,
         None => None,
@@ -556,6 +598,10 @@ fn apply_train_flags(m: &ArgMatches, t: &mut TrainConfig) -> Result<(), Error> {
 pub fn run_eval(m: &ArgMatches) -> Result<(), Error> {
     let dir: PathBuf = get(m, "model").expect("required");
     let data: PathBuf = get(m, "data").expect("required");
+    if kiln::tune::token_classification::is_token_classifier(&dir)? {
+        return tokcls::run_eval(m, &dir, &data);
+    }
+    tokcls::reject_token_flags(m)?;
     let (model, tokenizer) = load_classifier(&dir)?;
     let mut cols = Columns::default();
     if let Some(v) = get::<String>(m, "text") {
@@ -599,6 +645,10 @@ pub fn run_eval(m: &ArgMatches) -> Result<(), Error> {
 /// Runs `kiln predict`.
 pub fn run_predict(m: &ArgMatches) -> Result<(), Error> {
     let dir: PathBuf = get(m, "model").expect("required");
+    if kiln::tune::token_classification::is_token_classifier(&dir)? {
+        return tokcls::run_predict(m, &dir);
+    }
+    tokcls::reject_token_flags(m)?;
     let (model, tokenizer) = load_classifier(&dir)?;
     let mut texts: Vec<String> = m
         .get_many::<String>("texts")
