@@ -1025,9 +1025,9 @@ pub fn entities<S: AsRef<str>>(tags: &[S]) -> Vec<(String, usize, usize)> {
     let mut chunks = Vec::new();
     let (mut prev_tag, mut prev_type) = ('O', String::new());
     let mut begin = 0;
-    let n = tags.len();
-    for i in 0..=n {
-        let chunk = if i < n { tags[i].as_ref() } else { "O" };
+    // A final "O" closes an entity that runs to the end.
+    let padded = tags.iter().map(AsRef::as_ref).chain(std::iter::once("O"));
+    for (i, chunk) in padded.enumerate() {
         let (tag, ty) = split_tag(chunk);
         if end_of_chunk(prev_tag, tag, &prev_type, ty) {
             chunks.push((prev_type.clone(), begin, i.saturating_sub(1)));

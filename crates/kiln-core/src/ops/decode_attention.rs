@@ -26,19 +26,19 @@ fn dot_scalar<T: Float>(a: &[T], b: &[T]) -> T {
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..4 {
-            acc[i] = acc[i] + x[i] * y[i];
+            acc[i] += x[i] * y[i];
         }
     }
     let mut s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     for (&x, &y) in ra.iter().zip(rb) {
-        s = s + x * y;
+        s += x * y;
     }
     s
 }
 
 fn axpy_scalar<T: Float>(a: T, x: &[T], y: &mut [T]) {
     for (o, &v) in y.iter_mut().zip(x) {
-        *o = *o + a * v;
+        *o += a * v;
     }
 }
 

@@ -535,12 +535,12 @@ mod avx2 {
         assert!(x.len() >= blocks * QK && xsum.len() >= blocks);
         let mut acc = _mm256_setzero_ps();
         let mut offset_term = 0f32;
-        for b in 0..blocks {
+        for (b, &xs) in xsum[..blocks].iter().enumerate() {
             let blk = w.as_ptr().add(b * bb);
             let (d, c, at) = params(ty, blk);
             let s = block_dot_f32(ty, blk.add(at), x.as_ptr().add(b * QK));
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
-            offset_term += c * xsum[b];
+            offset_term += c * xs;
         }
         hsum(acc) + offset_term
     }
