@@ -24,6 +24,12 @@ pub fn save_classifier(
     out: &Path,
 ) -> Result<()> {
     model.save_pretrained(out)?;
+    copy_tokenizer_files(tokenizer_json, out)
+}
+
+/// Copies the tokenizer files found next to `tokenizer_json` into `out` (nothing when they are
+/// already there).
+pub(crate) fn copy_tokenizer_files(tokenizer_json: &Path, out: &Path) -> Result<()> {
     let src = tokenizer_json.parent().unwrap_or(Path::new("."));
     for name in TOKENIZER_FILES {
         let from = src.join(name);

@@ -26,9 +26,11 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub use crate::causal::IGNORE_INDEX;
 use crate::data::permutation;
 use crate::error::{Result, TuneError};
 use crate::metrics::{Metric, MetricState};
+use crate::save::copy_tokenizer_files;
 use crate::strategy::{Method, Strategy};
 use crate::trainer::{Task, TrainConfig, TrainReport, Trainer};
 use kiln_core::{no_grad, DType, Tensor};
@@ -39,9 +41,6 @@ use kiln_nn::{Module, ModuleExt, Reduction};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-
-/// The label of positions without a loss (special tokens, padding, later sub-tokens).
-pub const IGNORE_INDEX: i64 = -100;
 
 fn data_err(file: impl std::fmt::Display, line: usize, message: impl Into<String>) -> TuneError {
     TuneError::Data {
@@ -1350,14 +1349,6 @@ pub fn predict_tags<M: TokenClassifier + ?Sized>(
 
 // ------------------------------------------------------------------------------ saving
 
-/// Tokenizer files copied next to a saved model when the source has them.
-const TOKENIZER_FILES: [&str; 4] = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-];
-
 /// Whether the model saved in `dir` is a token classifier (config.json's `architectures`
 /// names `...ForTokenClassification`).
 pub fn is_token_classifier(dir: &Path) -> Result<bool> {
@@ -1392,14 +1383,7 @@ pub fn save_token_classifier(
     out: &Path,
 ) -> Result<()> {
     model.save_pretrained(out)?;
-    let src = tokenizer_json.parent().unwrap_or(Path::new("."));
-    for name in TOKENIZER_FILES {
-        let from = src.join(name);
-        if from.is_file() && src != out {
-            std::fs::copy(&from, out.join(name)).map_err(|e| TuneError::io(&from, e))?;
-        }
-    }
-    Ok(())
+    copy_tokenizer_files(tokenizer_json, out)
 }
 
 // ------------------------------------------------------------------------------ recipe

@@ -1,6 +1,7 @@
 //! `kiln finetune --task token-classification`, and `kiln eval` / `kiln predict` on a saved
 //! token classifier.
 
+use super::tune::{get, required_path};
 use super::Error;
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use kiln::tune::token_classification::{
@@ -45,10 +46,6 @@ pub fn finetune_args(cmd: Command) -> Command {
                 .num_args(1..)
                 .help("token classification: tag names by id, for integer tags (e.g. O B-PER I-PER ...)"),
         )
-}
-
-fn get<T: Clone + Send + Sync + 'static>(m: &ArgMatches, name: &str) -> Option<T> {
-    m.get_one::<T>(name).cloned()
 }
 
 fn given(m: &ArgMatches, name: &str) -> bool {
@@ -136,11 +133,7 @@ pub fn run_finetune(
     let mut recipe = match get::<PathBuf>(m, "recipe") {
         Some(path) => TokenRecipe::from_toml_file(path)?,
         None => {
-            let need = |name: &str| -> Result<PathBuf, Error> {
-                get::<PathBuf>(m, name).ok_or_else(|| {
-                    format!("--{name} is required (or give everything in --recipe FILE)").into()
-                })
-            };
+            let need = |name: &str| required_path(m, name);
             TokenRecipe::new(
                 need("model")?,
                 TagDataSpec::new(need("data")?),

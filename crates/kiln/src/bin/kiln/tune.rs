@@ -215,8 +215,15 @@ trait Pipe: Sized {
 
 impl Pipe for Command {}
 
-fn get<T: Clone + Send + Sync + 'static>(m: &ArgMatches, name: &str) -> Option<T> {
+/// The value of flag `name`, when given or defaulted.
+pub(crate) fn get<T: Clone + Send + Sync + 'static>(m: &ArgMatches, name: &str) -> Option<T> {
     m.get_one::<T>(name).cloned()
+}
+
+/// The path of flag `name`, which is required when no `--recipe` gives it.
+pub(crate) fn required_path(m: &ArgMatches, name: &str) -> Result<PathBuf, Error> {
+    get::<PathBuf>(m, name)
+        .ok_or_else(|| format!("--{name} is required (or give everything in --recipe FILE)").into())
 }
 
 /// The task a recipe file declares (`task = "..."`), if any.
@@ -303,11 +310,7 @@ pub fn run_finetune(m: &ArgMatches) -> Result<(), Error> {
     let mut recipe = match get::<PathBuf>(m, "recipe") {
         Some(path) => Recipe::from_toml_file(path)?,
         None => {
-            let need = |name: &str| -> Result<PathBuf, Error> {
-                get::<PathBuf>(m, name).ok_or_else(|| {
-                    format!("--{name} is required (or give everything in --recipe FILE)").into()
-                })
-            };
+            let need = |name: &str| required_path(m, name);
             Recipe::new(need("model")?, DataSpec::new(need("data")?), need("out")?)
         }
     };
@@ -415,11 +418,7 @@ fn run_finetune_causal(m: &ArgMatches) -> Result<(), Error> {
     let mut recipe = match get::<PathBuf>(m, "recipe") {
         Some(path) => CausalRecipe::from_toml_file(path)?,
         None => {
-            let need = |name: &str| -> Result<PathBuf, Error> {
-                get::<PathBuf>(m, name).ok_or_else(|| {
-                    format!("--{name} is required (or give everything in --recipe FILE)").into()
-                })
-            };
+            let need = |name: &str| required_path(m, name);
             CausalRecipe::new(
                 need("model")?,
                 InstructionSpec::new(need("data")?),
