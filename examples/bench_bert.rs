@@ -16,8 +16,10 @@
 //! - `minilm_lora_step_b16_s128`: the same step with LoRA (r 8, alpha 16, on query and value;
 //!   the classifier trains too, everything else is frozen), AdamW on the trainable parameters.
 //!
-//! Each is warmed up, then timed `reps` times; the median is reported.
+//! Each is warmed up, then timed `reps` times; the median is reported, with `peak_live_mb`: the
+//! most tensor memory in use at once during the workload (kiln's allocator, by size class).
 
+use kiln::core::alloc::{cache_stats, reset_peak_live_bytes};
 use kiln::core::parallel::{max_threads, set_num_threads};
 use kiln::models::bert::{BertForSequenceClassification, LoadOptions};
 use kiln::prelude::*;
@@ -32,6 +34,8 @@ struct Result {
     min_s: f64,
     reps: usize,
     sentences: usize,
+    /// The most tensor memory in use at once (kiln's allocator, size classes) while timed.
+    peak_live_bytes: usize,
 }
 
 /// Median and minimum seconds of `reps` timed calls of `f` (after `warmup` untimed calls).
@@ -111,6 +115,7 @@ fn main() {
         let x = ids(b, l);
         for &t in &threads {
             set_num_threads(t);
+            reset_peak_live_bytes();
             let (median_s, min_s) = time(warmup, reps, || {
                 let _g = no_grad();
                 black_box(model.forward(&x, None, None));
@@ -122,6 +127,7 @@ fn main() {
                 min_s,
                 reps,
                 sentences: b,
+                peak_live_bytes: cache_stats().peak_live_bytes,
             });
         }
     }
@@ -152,6 +158,7 @@ fn main() {
         let mut opt = AdamW::new(trainable, 2e-5).expect("bench_bert: AdamW");
         for &t in &threads {
             set_num_threads(t);
+            reset_peak_live_bytes();
             let (median_s, min_s) = time(warmup, reps, || {
                 let logits = model.forward(&x, None, None);
                 let loss = loss::cross_entropy(&logits, &y, None, -100, Reduction::Mean, 0.0);
@@ -166,6 +173,7 @@ fn main() {
                 min_s,
                 reps,
                 sentences: b,
+                peak_live_bytes: cache_stats().peak_live_bytes,
             });
         }
     }
@@ -175,13 +183,14 @@ fn main() {
         .iter()
         .map(|r| {
             format!(
-                "{{\"name\": \"{}\", \"threads\": {}, \"median_s\": {:e}, \"min_s\": {:e}, \"reps\": {}, \"sent_per_s\": {:.3}}}",
+                "{{\"name\": \"{}\", \"threads\": {}, \"median_s\": {:e}, \"min_s\": {:e}, \"reps\": {}, \"sent_per_s\": {:.3}, \"peak_live_mb\": {:.1}}}",
                 r.name,
                 r.threads,
                 r.median_s,
                 r.min_s,
                 r.reps,
-                r.sentences as f64 / r.median_s
+                r.sentences as f64 / r.median_s,
+                r.peak_live_bytes as f64 / 1048576.0
             )
         })
         .collect();

@@ -27,6 +27,8 @@ struct Pool {
     max_bytes: usize,
     hits: AtomicUsize,
     misses: AtomicUsize,
+    live_bytes: AtomicUsize,
+    peak_live_bytes: AtomicUsize,
 }
 
 fn pool() -> &'static Pool {
@@ -40,6 +42,8 @@ fn pool() -> &'static Pool {
             .unwrap_or(512 << 20),
         hits: AtomicUsize::new(0),
         misses: AtomicUsize::new(0),
+        live_bytes: AtomicUsize::new(0),
+        peak_live_bytes: AtomicUsize::new(0),
     })
 }
 
@@ -60,6 +64,8 @@ fn size_class(bytes: usize) -> (usize, usize) {
 fn raw_alloc(bytes: usize) -> (NonNull<u8>, usize) {
     let (class, rounded) = size_class(bytes);
     let p = pool();
+    let live = p.live_bytes.fetch_add(rounded, Ordering::Relaxed) + rounded;
+    p.peak_live_bytes.fetch_max(live, Ordering::Relaxed);
     if let Some(ptr) = p.lists[class].lock().unwrap().pop() {
         p.cached_bytes.fetch_sub(rounded, Ordering::Relaxed);
         p.hits.fetch_add(1, Ordering::Relaxed);
@@ -84,6 +90,7 @@ fn raw_alloc(bytes: usize) -> (NonNull<u8>, usize) {
 
 fn raw_free(ptr: NonNull<u8>, rounded: usize) {
     let p = pool();
+    p.live_bytes.fetch_sub(rounded, Ordering::Relaxed);
     let (class, _) = size_class(rounded);
     if p.cached_bytes.load(Ordering::Relaxed) + rounded <= p.max_bytes {
         p.cached_bytes.fetch_add(rounded, Ordering::Relaxed);
@@ -132,6 +139,17 @@ pub struct CacheStats {
     pub misses: usize,
     /// Bytes currently held in free lists.
     pub cached_bytes: usize,
+    /// Bytes in buffers that are in use (size classes, rounded up).
+    pub live_bytes: usize,
+    /// The most `live_bytes` has been since the start or the last [`reset_peak_live_bytes`].
+    pub peak_live_bytes: usize,
+}
+
+/// Restarts the high-water mark of [`CacheStats::peak_live_bytes`] at the current live bytes.
+pub fn reset_peak_live_bytes() {
+    let p = pool();
+    p.peak_live_bytes
+        .store(p.live_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
 }
 
 /// Current counters of the caching allocator.
@@ -141,6 +159,8 @@ pub fn cache_stats() -> CacheStats {
         hits: p.hits.load(Ordering::Relaxed),
         misses: p.misses.load(Ordering::Relaxed),
         cached_bytes: p.cached_bytes.load(Ordering::Relaxed),
+        live_bytes: p.live_bytes.load(Ordering::Relaxed),
+        peak_live_bytes: p.peak_live_bytes.load(Ordering::Relaxed),
     }
 }
 

@@ -29,6 +29,20 @@ pub trait GradFn: Send + Sync {
         output: &Tensor,
         grad_output: &Tensor,
     ) -> Vec<Option<Tensor>>;
+
+    /// Whether `backward` reads the values of input `index` (default: yes). When it reads only
+    /// that input's shape and dtype, the node keeps a value-free handle in its place, so the
+    /// input's buffer is freed as soon as nothing else needs it (PyTorch saves only the
+    /// tensors a backward formula uses, for the same reason).
+    fn reads_input(&self, _index: usize) -> bool {
+        true
+    }
+
+    /// Whether `backward` reads the values of `output` (default: yes). Only outputs that their
+    /// own rule does not read can be held value-free by the nodes that consume them.
+    fn reads_output(&self) -> bool {
+        true
+    }
 }
 
 impl<G: GradFn + ?Sized> GradFn for Box<G> {
@@ -43,6 +57,12 @@ impl<G: GradFn + ?Sized> GradFn for Box<G> {
     ) -> Vec<Option<Tensor>> {
         (**self).backward(inputs, output, grad_output)
     }
+    fn reads_input(&self, index: usize) -> bool {
+        (**self).reads_input(index)
+    }
+    fn reads_output(&self) -> bool {
+        (**self).reads_output()
+    }
 }
 
 /// A node of the graph: the inputs of the op that recorded it and its backward rule, in one
@@ -54,10 +74,22 @@ pub struct Node<G: ?Sized = dyn GradFn> {
 
 impl Node {
     pub(crate) fn new_shared<G: GradFn + 'static>(grad_fn: G, inputs: &[&Tensor]) -> Arc<Node> {
-        Arc::new(Node {
-            inputs: inputs.iter().map(|&t| t.clone()).collect(),
-            grad_fn,
-        })
+        let inputs = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                // An input nobody's backward reads (neither this rule nor the rule that made
+                // it) is kept as a graph edge without its values.
+                let value_free = !grad_fn.reads_input(i)
+                    && t.0.node.as_ref().is_some_and(|n| !n.grad_fn.reads_output());
+                if value_free {
+                    t.value_free_handle()
+                } else {
+                    t.clone()
+                }
+            })
+            .collect();
+        Arc::new(Node { inputs, grad_fn })
     }
 
     /// Name of the op that recorded this node.
@@ -260,6 +292,12 @@ impl GradFn for Identity {
     fn name(&self) -> &'static str {
         "contiguous"
     }
+    fn reads_input(&self, _index: usize) -> bool {
+        false
+    }
+    fn reads_output(&self) -> bool {
+        false
+    }
     fn backward(
         &self,
         _inputs: &[Tensor],
@@ -278,6 +316,12 @@ pub(crate) struct Cast {
 impl GradFn for Cast {
     fn name(&self) -> &'static str {
         "to_dtype"
+    }
+    fn reads_input(&self, _index: usize) -> bool {
+        false
+    }
+    fn reads_output(&self) -> bool {
+        false
     }
     fn backward(
         &self,
@@ -409,6 +453,65 @@ mod tests {
     #[should_panic(expected = "backward: tensor of shape [1] does not require grad")]
     fn backward_without_grad_panics() {
         Tensor::ones([1]).backward();
+    }
+
+    #[test]
+    fn inputs_that_no_rule_reads_are_kept_without_their_values() {
+        let x = randn_f64(&[4, 3], 1).requires_grad();
+        let w = randn_f64(&[3, 5], 2).requires_grad();
+        let b = randn_f64(&[5], 3).requires_grad();
+        // matmul does not read its output and add does not read its operands: once the caller
+        // drops the product, nothing holds its buffer.
+        let y = x.matmul(&w);
+        let product = Arc::downgrade(&y.0.storage);
+        let z = y.add(&b);
+        drop(y);
+        assert!(
+            product.upgrade().is_none(),
+            "the graph kept the product's values"
+        );
+        // softmax reads its output: the values stay while the graph lives.
+        let p = z.softmax(-1);
+        let probs = Arc::downgrade(&p.0.storage);
+        let q = p.dropout(0.5, true, &mut crate::Rng::new(1));
+        drop(p);
+        assert!(
+            probs.upgrade().is_some(),
+            "softmax's backward needs its output"
+        );
+        // mul reads its operands: the square keeps `z` while `add` holds only its shape.
+        let z_values = Arc::downgrade(&z.0.storage);
+        let r = q.mul(&z);
+        drop(z);
+        assert!(
+            z_values.upgrade().is_some(),
+            "mul's backward needs its operands"
+        );
+        r.sum_all().backward();
+        assert!(x.grad().is_some() && w.grad().is_some() && b.grad().is_some());
+    }
+
+    #[test]
+    fn gradients_through_value_free_edges_are_exact() {
+        let inputs = [
+            randn_f64(&[4, 3], 4).requires_grad(),
+            randn_f64(&[3, 6], 5).requires_grad(),
+            randn_f64(&[6], 6).requires_grad(),
+        ];
+        gradcheck(
+            |t| {
+                // Each intermediate feeds a rule that reads only its shape, and some feed a
+                // second rule that reads their values.
+                let y = t[0].matmul(&t[1]);
+                let z = y.add(&t[2]).sub(&t[2].mul_scalar(0.5));
+                let v = z.reshape([4, 2, 3]).permute(&[1, 0, 2]).contiguous();
+                let s = v.softmax(-1).add_scalar(1.0).narrow(2, 0, 2);
+                s.mul(&v.narrow(2, 1, 2))
+                    .add(&y.reshape([2, 4, 3]).narrow(2, 0, 2))
+            },
+            &inputs,
+        )
+        .unwrap();
     }
 
     /// A user-defined op: `x³` with its own backward.

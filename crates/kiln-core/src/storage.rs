@@ -41,6 +41,16 @@ impl Storage {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// A storage of `dtype` with no elements.
+    pub fn empty(dtype: DType) -> Storage {
+        match dtype {
+            DType::F32 => Storage::F32(Buffer::uninit(0)),
+            DType::F64 => Storage::F64(Buffer::uninit(0)),
+            DType::I64 => Storage::I64(Buffer::uninit(0)),
+            DType::U32 => Storage::U32(Buffer::uninit(0)),
+        }
+    }
 }
 
 /// Runs `$body` with `$buf` bound to the typed buffer of `$storage` and the type alias `$T`

@@ -53,6 +53,26 @@ impl Drop for TensorImpl {
 }
 
 impl Tensor {
+    /// This graph tensor (an op result) without its values: the same id, shape, dtype and graph
+    /// node over an empty storage. Nodes hold it for inputs whose values no backward rule
+    /// reads (see [`GradFn::reads_input`](crate::GradFn::reads_input)).
+    pub(crate) fn value_free_handle(&self) -> Tensor {
+        debug_assert!(
+            self.0.node.is_some(),
+            "only op results have value-free handles"
+        );
+        Tensor(Arc::new(TensorImpl {
+            id: self.0.id,
+            storage: Arc::new(RwLock::new(Storage::empty(self.0.dtype))),
+            layout: self.0.layout.clone(),
+            dtype: self.0.dtype,
+            device: self.0.device,
+            requires_grad: AtomicBool::new(self.0.requires_grad.load(Ordering::Relaxed)),
+            node: self.0.node.clone(),
+            grad: Mutex::new(None),
+        }))
+    }
+
     // ------------------------------------------------------------------ construction
 
     /// A leaf tensor over `storage` viewed through `layout`.

@@ -47,6 +47,15 @@ impl GradFn for ArithBackward {
         self.0.name()
     }
 
+    /// Sums and differences pass the gradient on: they need only the operands' shapes.
+    fn reads_input(&self, _index: usize) -> bool {
+        matches!(self.0, Arith::Mul | Arith::Div)
+    }
+
+    fn reads_output(&self) -> bool {
+        false
+    }
+
     fn backward(&self, inputs: &[Tensor], _output: &Tensor, g: &Tensor) -> Vec<Option<Tensor>> {
         let (a, b) = (&inputs[0], &inputs[1]);
         let (ga, gb) = match self.0 {
@@ -113,6 +122,14 @@ struct ScalarBackward {
 impl GradFn for ScalarBackward {
     fn name(&self) -> &'static str {
         self.name
+    }
+
+    fn reads_input(&self, _index: usize) -> bool {
+        matches!(self.op, ScalarOp::RDiv)
+    }
+
+    fn reads_output(&self) -> bool {
+        matches!(self.op, ScalarOp::RDiv)
     }
 
     fn backward(&self, _inputs: &[Tensor], output: &Tensor, g: &Tensor) -> Vec<Option<Tensor>> {

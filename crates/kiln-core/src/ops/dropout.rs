@@ -136,6 +136,14 @@ impl GradFn for DropoutBackward {
         "dropout"
     }
 
+    fn reads_input(&self, _index: usize) -> bool {
+        false
+    }
+
+    fn reads_output(&self) -> bool {
+        false
+    }
+
     fn backward(&self, _inputs: &[Tensor], _output: &Tensor, g: &Tensor) -> Vec<Option<Tensor>> {
         let storage = masked(g, &self.bits, self.scale, "dropout_backward");
         vec![Some(Tensor::from_storage(

@@ -440,6 +440,10 @@ impl GradFn for MatmulBackward {
         "matmul"
     }
 
+    fn reads_output(&self) -> bool {
+        false
+    }
+
     fn backward(&self, inputs: &[Tensor], _output: &Tensor, g: &Tensor) -> Vec<Option<Tensor>> {
         let (a, b) = (&inputs[0], &inputs[1]);
         // Back to the matrix forms used by the forward: a [.., m, k], b [.., k, n], g [.., m, n].

@@ -353,6 +353,11 @@ impl GradFn for SoftmaxBackward {
         }
     }
 
+    /// The rule reads the output (the probabilities), not the logits.
+    fn reads_input(&self, _index: usize) -> bool {
+        false
+    }
+
     fn backward(&self, inputs: &[Tensor], output: &Tensor, g: &Tensor) -> Vec<Option<Tensor>> {
         let (x, op) = (&inputs[0], self.name());
         let (y, g) = (output.contiguous(), g.contiguous());

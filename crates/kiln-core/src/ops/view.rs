@@ -72,6 +72,12 @@ impl GradFn for ReshapeBackward {
     fn name(&self) -> &'static str {
         "reshape"
     }
+    fn reads_input(&self, _index: usize) -> bool {
+        false
+    }
+    fn reads_output(&self) -> bool {
+        false
+    }
     fn backward(&self, inputs: &[Tensor], _o: &Tensor, g: &Tensor) -> Vec<Option<Tensor>> {
         vec![Some(g.reshape(inputs[0].shape()))]
     }
@@ -81,6 +87,12 @@ struct PermuteBackward(DimVec);
 impl GradFn for PermuteBackward {
     fn name(&self) -> &'static str {
         "permute"
+    }
+    fn reads_input(&self, _index: usize) -> bool {
+        false
+    }
+    fn reads_output(&self) -> bool {
+        false
     }
     fn backward(&self, _i: &[Tensor], _o: &Tensor, g: &Tensor) -> Vec<Option<Tensor>> {
         let mut inverse = DimVec::from_elem(0, self.0.len());
@@ -99,6 +111,12 @@ impl GradFn for NarrowBackward {
     fn name(&self) -> &'static str {
         "narrow"
     }
+    fn reads_input(&self, _index: usize) -> bool {
+        false
+    }
+    fn reads_output(&self) -> bool {
+        false
+    }
     fn backward(&self, inputs: &[Tensor], _o: &Tensor, g: &Tensor) -> Vec<Option<Tensor>> {
         let x = &inputs[0];
         vec![Some(g.pad_into(x.shape(), self.dim, self.start))]
@@ -109,6 +127,12 @@ struct ExpandBackward;
 impl GradFn for ExpandBackward {
     fn name(&self) -> &'static str {
         "broadcast_as"
+    }
+    fn reads_input(&self, _index: usize) -> bool {
+        false
+    }
+    fn reads_output(&self) -> bool {
+        false
     }
     fn backward(&self, inputs: &[Tensor], _o: &Tensor, g: &Tensor) -> Vec<Option<Tensor>> {
         vec![Some(g.sum_to(inputs[0].shape()))]
