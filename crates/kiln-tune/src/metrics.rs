@@ -26,6 +26,13 @@ pub enum Metric {
     Perplexity,
     /// The mean loss.
     Loss,
+    /// Micro-averaged entity F1 over every entity type (token classification with an entity
+    /// tag scheme; seqeval's `overall_f1`).
+    EntityF1,
+    /// Micro-averaged entity precision (seqeval's `overall_precision`).
+    EntityPrecision,
+    /// Micro-averaged entity recall (seqeval's `overall_recall`).
+    EntityRecall,
 }
 
 impl Metric {
@@ -40,14 +47,31 @@ impl Metric {
             Metric::Mae => "mae",
             Metric::Perplexity => "perplexity",
             Metric::Loss => "loss",
+            Metric::EntityF1 => "entity_f1",
+            Metric::EntityPrecision => "entity_precision",
+            Metric::EntityRecall => "entity_recall",
         }
+    }
+
+    /// True for the entity-level metrics, which only token classification reports.
+    pub fn is_entity(self) -> bool {
+        matches!(
+            self,
+            Metric::EntityF1 | Metric::EntityPrecision | Metric::EntityRecall
+        )
     }
 
     /// True when larger values are better.
     pub fn higher_is_better(self) -> bool {
         matches!(
             self,
-            Metric::Accuracy | Metric::MacroF1 | Metric::Precision | Metric::Recall
+            Metric::Accuracy
+                | Metric::MacroF1
+                | Metric::Precision
+                | Metric::Recall
+                | Metric::EntityF1
+                | Metric::EntityPrecision
+                | Metric::EntityRecall
         )
     }
 
@@ -62,12 +86,15 @@ impl Metric {
             "mae" => Metric::Mae,
             "perplexity" | "ppl" => Metric::Perplexity,
             "loss" => Metric::Loss,
+            "entity_f1" => Metric::EntityF1,
+            "entity_precision" => Metric::EntityPrecision,
+            "entity_recall" => Metric::EntityRecall,
             other => {
                 return Err(TuneError::config(
                     "metric",
                     format!(
                         "unknown metric `{other}` (known: accuracy, macro_f1, precision, recall, \
-                         mse, mae, perplexity, loss)"
+                         mse, mae, perplexity, loss, entity_f1, entity_precision, entity_recall)"
                     ),
                 ))
             }
@@ -86,6 +113,21 @@ pub struct MetricState {
     loss_count: f64,
     abs_err: f64,
     sq_err: f64,
+    /// Entity counts (correct, predicted, true) when the evaluation decodes entities.
+    entities: Option<[u64; 3]>,
+}
+
+/// Precision, recall and F1 from counts of correct, predicted and true items (seqeval's
+/// conventions: 0 when a denominator is 0).
+pub(crate) fn precision_recall_f1(correct: u64, predicted: u64, gold: u64) -> (f64, f64, f64) {
+    let div = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    let (p, r) = (div(correct, predicted), div(correct, gold));
+    let f1 = if p + r > 0.0 {
+        2.0 * p * r / (p + r)
+    } else {
+        0.0
+    };
+    (p, r, f1)
 }
 
 impl MetricState {
@@ -99,7 +141,14 @@ impl MetricState {
             loss_count: 0.0,
             abs_err: 0.0,
             sq_err: 0.0,
+            entities: None,
         }
+    }
+
+    /// Sets the entity counts behind `entity_f1` / `entity_precision` / `entity_recall`:
+    /// entities predicted exactly right, predicted, and true (all types together).
+    pub fn set_entity_counts(&mut self, correct: u64, predicted: u64, gold: u64) {
+        self.entities = Some([correct, predicted, gold]);
     }
 
     /// Adds a batch of class logits `[B, C]` and labels `[B]`.
@@ -212,6 +261,17 @@ impl MetricState {
             Metric::Mae => self.abs_err / rows,
             Metric::Loss => self.loss_sum / self.loss_count,
             Metric::Perplexity => (self.loss_sum / self.loss_count).exp(),
+            Metric::EntityF1 | Metric::EntityPrecision | Metric::EntityRecall => {
+                let Some([c, p, g]) = self.entities else {
+                    return f64::NAN;
+                };
+                let (precision, recall, f1) = precision_recall_f1(c, p, g);
+                match metric {
+                    Metric::EntityPrecision => precision,
+                    Metric::EntityRecall => recall,
+                    _ => f1,
+                }
+            }
         }
     }
 
@@ -301,5 +361,26 @@ mod tests {
         assert!((m.value(Metric::Perplexity) - 2f64.exp()).abs() < 1e-12);
         assert_eq!(Metric::parse("F1").unwrap(), Metric::MacroF1);
         assert!(Metric::parse("bleu").is_err());
+    }
+
+    #[test]
+    fn entity_metrics_come_from_the_entity_counts() {
+        let mut m = MetricState::new(4);
+        assert!(m.value(Metric::EntityF1).is_nan(), "no counts yet");
+        // 3 of 4 predicted entities are right; there are 6 true ones.
+        m.set_entity_counts(3, 4, 6);
+        assert_eq!(m.value(Metric::EntityPrecision), 0.75);
+        assert_eq!(m.value(Metric::EntityRecall), 0.5);
+        assert!((m.value(Metric::EntityF1) - 0.6).abs() < 1e-12);
+        m.set_entity_counts(0, 0, 2);
+        assert_eq!(m.value(Metric::EntityF1), 0.0);
+        for metric in [
+            Metric::EntityF1,
+            Metric::EntityPrecision,
+            Metric::EntityRecall,
+        ] {
+            assert_eq!(Metric::parse(metric.name()).unwrap(), metric);
+            assert!(metric.is_entity() && metric.higher_is_better());
+        }
     }
 }

@@ -29,7 +29,7 @@
 pub use crate::causal::IGNORE_INDEX;
 use crate::data::permutation;
 use crate::error::{Result, TuneError};
-use crate::metrics::{Metric, MetricState};
+use crate::metrics::{precision_recall_f1, Metric, MetricState};
 use crate::save::copy_tokenizer_files;
 use crate::strategy::{Method, Strategy};
 use crate::trainer::{Task, TrainConfig, TrainReport, Trainer};
@@ -923,10 +923,22 @@ impl<M: TokenClassifier> Task<M> for TokenClassData {
             | Metric::Precision
             | Metric::Recall
             | Metric::Loss => Ok(()),
+            m if m.is_entity() => match TagScheme::detect(&self.labels) {
+                TagScheme::None => Err(TuneError::config(
+                    "metric",
+                    format!(
+                        "`{}` needs entity tags (BIO / BIOES, or BMES segmentation); the tags of {} are {:?}",
+                        m.name(),
+                        self.origin,
+                        self.labels
+                    ),
+                )),
+                _ => Ok(()),
+            },
             other => Err(TuneError::config(
                 "metric",
                 format!(
-                    "token classification reports accuracy, macro_f1, precision, recall (per tag) and loss, not `{}`",
+                    "token classification reports accuracy, macro_f1, precision, recall (per tag), loss and entity_f1, entity_precision, entity_recall (entity tags), not `{}`",
                     other.name()
                 ),
             )),
@@ -1055,16 +1067,11 @@ pub struct EntityScore {
 
 impl EntityScore {
     fn from_counts(correct: u64, predicted: u64, gold: u64) -> Self {
-        let div = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
-        let (p, r) = (div(correct, predicted), div(correct, gold));
+        let (precision, recall, f1) = precision_recall_f1(correct, predicted, gold);
         EntityScore {
-            precision: p,
-            recall: r,
-            f1: if p + r > 0.0 {
-                2.0 * p * r / (p + r)
-            } else {
-                0.0
-            },
+            precision,
+            recall,
+            f1,
             support: gold,
         }
     }
@@ -1161,11 +1168,15 @@ impl TokenMetrics {
         if self.scheme == TagScheme::None {
             return None;
         }
-        let (c, p, g) = self
-            .counts
-            .values()
-            .fold((0, 0, 0), |a, v| (a.0 + v.0, a.1 + v.1, a.2 + v.2));
+        let (c, p, g) = self.entity_totals();
         Some(EntityScore::from_counts(c, p, g))
+    }
+
+    /// Entities (correct, predicted, true) over every type.
+    fn entity_totals(&self) -> (u64, u64, u64) {
+        self.counts
+            .values()
+            .fold((0, 0, 0), |a, v| (a.0 + v.0, a.1 + v.1, a.2 + v.2))
     }
 
     /// Entity scores per type, by type name (seqeval's `classification_report` rows; types
@@ -1262,6 +1273,10 @@ pub fn evaluate_tokens<M: TokenClassifier + ?Sized>(
                 &Tensor::from_vec(gold_ids, [n]),
             );
         }
+    }
+    if m.scheme() != TagScheme::None {
+        let (c, p, g) = m.entity_totals();
+        m.state.set_entity_counts(c, p, g);
     }
     Ok(m)
 }

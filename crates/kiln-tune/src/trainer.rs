@@ -67,9 +67,18 @@ pub trait Task<M: ?Sized> {
     /// Evaluates `model` on every row in batches of `batch_size` (called in eval mode with
     /// grad mode off), streaming the metrics.
     fn evaluate(&self, model: &M, batch_size: usize) -> Result<MetricState>;
-    /// An error when the task cannot report `metric` (default: every metric is fine).
+    /// An error when the task cannot report `metric` (default: every metric but the entity
+    /// metrics, which need token classification).
     fn check_metric(&self, metric: Metric) -> Result<()> {
-        let _ = metric;
+        if metric.is_entity() {
+            return Err(TuneError::config(
+                "metric",
+                format!(
+                    "`{}` is a token-classification metric (entities decoded from BIO / BIOES / BMES tags)",
+                    metric.name()
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -714,7 +723,11 @@ impl Trainer {
             model.eval();
             valid.evaluate(model, cfg.eval_batch_size)
         })?;
-        let metrics = m.report(&cfg.metrics);
+        let key = cfg.metric;
+        let value = m.value(key);
+        // The best-model metric is always recorded, even when `metrics` does not list it.
+        let mut metrics = m.report(&cfg.metrics);
+        metrics.insert(key.name().to_string(), value);
         let eval = Evaluation {
             step: st.step,
             epoch: st.epoch + 1,
@@ -725,8 +738,6 @@ impl Trainer {
                 Vec::new()
             },
         };
-        let key = cfg.metric;
-        let value = m.value(key);
         let better = match &st.best {
             None => true,
             Some(b) => {

