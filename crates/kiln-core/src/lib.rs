@@ -13,6 +13,7 @@ pub mod parallel;
 pub mod rng;
 pub mod shape;
 pub mod storage;
+mod team;
 pub mod tensor;
 pub mod vmath;
 

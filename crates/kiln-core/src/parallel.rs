@@ -123,6 +123,21 @@ pub fn for_each_split<T: Send>(
         return f(0, out);
     }
     let part = n.div_ceil(threads).div_ceil(align) * align;
+    let parts = n.div_ceil(part);
+    if parts <= crate::team::MAX_PARTS && crate::team::enabled() {
+        // The caller and spinning helpers (see `team`): no thread wake-up per split.
+        let base = out.as_mut_ptr() as usize;
+        let run = |i: usize| {
+            let start = i * part;
+            let len = part.min(n - start);
+            // SAFETY: parts are disjoint ranges of `out`, which outlives the team's run.
+            let chunk = unsafe { std::slice::from_raw_parts_mut((base as *mut T).add(start), len) };
+            f(start, chunk)
+        };
+        if crate::team::team(threads).try_run(parts, &run) {
+            return;
+        }
+    }
     use rayon::prelude::*;
     install(|| {
         out.par_chunks_mut(part)
