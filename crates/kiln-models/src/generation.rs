@@ -1,6 +1,7 @@
 //! Text generation for causal language models: greedy decoding or seeded sampling with
 //! temperature, top-k, top-p and a repetition penalty, stop tokens and a token budget, each new
-//! token handed to a callback as it is produced (streaming).
+//! token handed to a callback as it is produced (streaming). A [`Sequence`] is one generation
+//! advanced a token at a time, so that a server can decode many at once ([`step_many`]).
 
 use kiln_core::Rng;
 
@@ -15,6 +16,21 @@ pub trait CausalLm {
     /// Feeds `ids` after the positions already in `cache` (extending it) and returns the logits
     /// for the token that follows the last of them (`[vocab]`).
     fn next_logits(&self, ids: &[u32], cache: &mut Self::Cache) -> Vec<f32>;
+
+    /// Feeds one token to each of several independent sequences (`ids[i]` after what
+    /// `caches[i]` holds) and returns each one's next-token logits. Models override this to
+    /// take all the sequences through the weights together; this default runs them one by one.
+    fn next_logits_many(&self, ids: &[u32], caches: &mut [&mut Self::Cache]) -> Vec<Vec<f32>> {
+        assert_eq!(
+            ids.len(),
+            caches.len(),
+            "next_logits_many: one token per cache"
+        );
+        ids.iter()
+            .zip(caches.iter_mut())
+            .map(|(&id, cache)| self.next_logits(&[id], cache))
+            .collect()
+    }
 
     /// Tokens in the vocabulary.
     fn vocab_size(&self) -> usize;
@@ -223,6 +239,156 @@ pub fn pick_token(
     order[probs.len() - 1]
 }
 
+/// One generation in progress: the model's cache, the sampler and the tokens so far. Advance
+/// it with [`Sequence::step`] alone, or with others through [`step_many`].
+pub struct Sequence<C> {
+    cache: C,
+    config: GenerationConfig,
+    rng: Rng,
+    /// The prompt and every token generated so far (for the repetition penalty).
+    context: Vec<u32>,
+    /// Where the generated tokens start in `context`.
+    prompt_len: usize,
+    /// What the next step feeds: the whole prompt first, then the last token.
+    feed: Vec<u32>,
+    stop: Option<StopReason>,
+}
+
+impl<C> std::fmt::Debug for Sequence<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sequence")
+            .field("prompt_len", &self.prompt_len)
+            .field("tokens", &self.tokens())
+            .field("stop", &self.stop)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C> Sequence<C> {
+    /// Checks `config` and `prompt` (non-empty, inside the vocabulary) and sets up a
+    /// generation; nothing runs until the first step.
+    pub fn new<M: CausalLm<Cache = C>>(
+        model: &M,
+        prompt: &[u32],
+        config: GenerationConfig,
+    ) -> Result<Sequence<C>, String> {
+        config.validate()?;
+        if prompt.is_empty() {
+            return Err("the prompt has no tokens".into());
+        }
+        if let Some(&t) = prompt.iter().find(|&&t| t as usize >= model.vocab_size()) {
+            return Err(format!(
+                "prompt token {t} is outside the vocabulary of {}",
+                model.vocab_size()
+            ));
+        }
+        let stop = (config.max_new_tokens == 0).then_some(StopReason::MaxTokens);
+        Ok(Sequence {
+            cache: model.new_cache(),
+            rng: Rng::new(config.seed),
+            context: prompt.to_vec(),
+            prompt_len: prompt.len(),
+            feed: prompt.to_vec(),
+            stop,
+            config,
+        })
+    }
+
+    /// The tokens generated so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.context[self.prompt_len..]
+    }
+
+    /// Why the sequence ended, once it has.
+    pub fn finished(&self) -> Option<StopReason> {
+        self.stop
+    }
+
+    /// Ends the sequence on the caller's request ([`StopReason::Callback`]), unless its last
+    /// token was a stop token.
+    pub fn cancel(&mut self) {
+        if self.stop != Some(StopReason::StopToken) {
+            self.stop = Some(StopReason::Callback);
+        }
+    }
+
+    /// What was generated (the sequence counts as cancelled if it had not ended).
+    pub fn into_generated(self) -> Generated {
+        let stop = self.stop.unwrap_or(StopReason::Callback);
+        Generated {
+            tokens: self.context[self.prompt_len..].to_vec(),
+            stop,
+        }
+    }
+
+    /// Adds one token, one step of `model`.
+    ///
+    /// # Panics
+    /// If the sequence has ended.
+    pub fn step<M: CausalLm<Cache = C>>(&mut self, model: &M) -> u32 {
+        step_many(model, &mut [self])[0]
+    }
+
+    /// Picks the next token from `logits` and records it.
+    fn accept(&mut self, mut logits: Vec<f32>) -> u32 {
+        let next = pick_token(&mut logits, &self.context, &self.config, &mut self.rng);
+        self.context.push(next);
+        self.feed = vec![next];
+        if self.config.stop_tokens.contains(&next) {
+            self.stop = Some(StopReason::StopToken);
+        } else if self.context.len() - self.prompt_len >= self.config.max_new_tokens {
+            self.stop = Some(StopReason::MaxTokens);
+        }
+        next
+    }
+}
+
+/// Adds one token to each of `seqs` and returns them in order. Sequences that still have a
+/// prompt to read run alone; all the others go through the model together
+/// ([`CausalLm::next_logits_many`]), so the weights are read once for all of them. Tokens are
+/// picked only after every model call has returned.
+///
+/// # Panics
+/// If one of the sequences has ended.
+pub fn step_many<M: CausalLm>(model: &M, seqs: &mut [&mut Sequence<M::Cache>]) -> Vec<u32> {
+    if let Some(s) = seqs.iter().find(|s| s.stop.is_some()) {
+        panic!(
+            "step_many: a sequence that has ended ({:?}) cannot take another step",
+            s.stop
+        );
+    }
+    let mut logits: Vec<Option<Vec<f32>>> = seqs.iter().map(|_| None).collect();
+    let mut ids = Vec::new();
+    let mut caches = Vec::new();
+    let mut together = Vec::new();
+    for (i, s) in seqs.iter_mut().enumerate() {
+        if s.feed.len() == 1 {
+            ids.push(s.feed[0]);
+            caches.push(&mut s.cache);
+            together.push(i);
+        } else {
+            logits[i] = Some(model.next_logits(&s.feed, &mut s.cache));
+        }
+    }
+    let batched = match ids.len() {
+        0 => Vec::new(),
+        1 => vec![model.next_logits(&ids, caches[0])],
+        _ => model.next_logits_many(&ids, &mut caches),
+    };
+    assert_eq!(
+        batched.len(),
+        together.len(),
+        "one row of logits per sequence"
+    );
+    for (i, l) in together.into_iter().zip(batched) {
+        logits[i] = Some(l);
+    }
+    seqs.iter_mut()
+        .zip(logits)
+        .map(|(s, l)| s.accept(l.expect("every sequence ran")))
+        .collect()
+}
+
 /// Continues `prompt` with `model`; `on_token` sees each new token as it comes and returns
 /// false to stop. The prompt is fed once, then one token per step through the cache.
 pub fn generate<M: CausalLm>(
@@ -231,45 +397,14 @@ pub fn generate<M: CausalLm>(
     config: &GenerationConfig,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<Generated, String> {
-    config.validate()?;
-    if prompt.is_empty() {
-        return Err("the prompt has no tokens".into());
-    }
-    if let Some(&t) = prompt.iter().find(|&&t| t as usize >= model.vocab_size()) {
-        return Err(format!(
-            "prompt token {t} is outside the vocabulary of {}",
-            model.vocab_size()
-        ));
-    }
-    let mut rng = Rng::new(config.seed);
-    let mut cache = model.new_cache();
-    let mut context = prompt.to_vec();
-    let mut tokens = Vec::new();
-    let mut feed: Vec<u32> = prompt.to_vec();
-    while tokens.len() < config.max_new_tokens {
-        let mut logits = model.next_logits(&feed, &mut cache);
-        let next = pick_token(&mut logits, &context, config, &mut rng);
-        tokens.push(next);
-        context.push(next);
-        let go_on = on_token(next);
-        if config.stop_tokens.contains(&next) {
-            return Ok(Generated {
-                tokens,
-                stop: StopReason::StopToken,
-            });
+    let mut seq = Sequence::new(model, prompt, config.clone())?;
+    while seq.finished().is_none() {
+        let next = seq.step(model);
+        if !on_token(next) {
+            seq.cancel();
         }
-        if !go_on {
-            return Ok(Generated {
-                tokens,
-                stop: StopReason::Callback,
-            });
-        }
-        feed = vec![next];
     }
-    Ok(Generated {
-        tokens,
-        stop: StopReason::MaxTokens,
-    })
+    Ok(seq.into_generated())
 }
 
 #[cfg(test)]
@@ -381,6 +516,58 @@ mod tests {
         let t = pick_token(&mut logits, &[0, 1, 0], &cfg, &mut Rng::new(0));
         assert_eq!(logits, vec![1.0, -4.0, 1.9]);
         assert_eq!(t, 2);
+    }
+
+    #[test]
+    fn sequences_stepped_together_equal_each_generated_alone() {
+        let m = Counter { vocab: 10 };
+        let configs = [
+            GenerationConfig::greedy(5),
+            GenerationConfig::greedy(3).stop_tokens(vec![9]),
+            GenerationConfig::sampling(6, 0.7, 3).top_k(2),
+        ];
+        let prompts: [&[u32]; 3] = [&[3, 4], &[6], &[1, 2, 3]];
+        let alone: Vec<Generated> = prompts
+            .iter()
+            .zip(&configs)
+            .map(|(p, c)| generate(&m, p, c, |_| true).unwrap())
+            .collect();
+        let mut seqs: Vec<Sequence<usize>> = prompts
+            .iter()
+            .zip(&configs)
+            .map(|(p, c)| Sequence::new(&m, p, c.clone()).unwrap())
+            .collect();
+        // The third joins one step late, as a request arriving mid-way would.
+        let mut steps = 0;
+        loop {
+            let mut live: Vec<&mut Sequence<usize>> = seqs
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, s)| s.finished().is_none() && (*i < 2 || steps > 0))
+                .map(|(_, s)| s)
+                .collect();
+            if live.is_empty() {
+                break;
+            }
+            let got = step_many(&m, &mut live);
+            assert_eq!(got.len(), live.len());
+            steps += 1;
+        }
+        let together: Vec<Generated> = seqs.into_iter().map(Sequence::into_generated).collect();
+        assert_eq!(together, alone);
+        assert_eq!(alone[1].stop, StopReason::StopToken);
+        assert_eq!(alone[1].tokens, vec![7, 8, 9]);
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "a sequence that has ended (Some(MaxTokens)) cannot take another step"
+    )]
+    fn stepping_an_ended_sequence_panics() {
+        let m = Counter { vocab: 10 };
+        let mut s = Sequence::new(&m, &[1], GenerationConfig::greedy(1)).unwrap();
+        s.step(&m);
+        s.step(&m);
     }
 
     #[test]

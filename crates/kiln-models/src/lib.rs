@@ -27,7 +27,9 @@ pub use bert::{
 };
 pub use config::HfConfig;
 pub use error::ModelError;
-pub use generation::{generate, CausalLm, Generated, GenerationConfig, StopReason};
+pub use generation::{
+    generate, step_many, CausalLm, Generated, GenerationConfig, Sequence, StopReason,
+};
 pub use gguf_tokenizer::tokenizer_from_gguf;
 pub use gpt2::{
     gpt2_key_map, gpt2_tokenizer_files, GPT2LMHeadModel, Gpt2Activation, Gpt2Cache, Gpt2Config,

@@ -645,30 +645,57 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     x.mul(cos).add(&rotated.mul(sin))
 }
 
-/// The RoPE angles of `len` consecutive positions: `cos`/`sin` `[len, head_dim / 2]` (f64).
+/// The RoPE angles of some positions: `cos`/`sin` `[positions, head_dim / 2]` (f64).
 struct RopeTable {
     cos: Vec<f64>,
     sin: Vec<f64>,
     half: usize,
+    /// One position per sequence of a batch (decoding several sequences), instead of one per
+    /// step along the sequence axis shared by the whole batch.
+    per_sequence: bool,
 }
 
 impl RopeTable {
+    /// Positions `start..start + len`, shared by every sequence of a batch.
     fn new(inv_freq: &[f64], head_dim: usize, start: usize, len: usize) -> RopeTable {
+        Self::at(inv_freq, head_dim, start..start + len, false)
+    }
+
+    /// One position per sequence, for inputs `[b, 1, ..]` of `b` sequences.
+    fn per_sequence(inv_freq: &[f64], head_dim: usize, positions: &[usize]) -> RopeTable {
+        Self::at(inv_freq, head_dim, positions.iter().copied(), true)
+    }
+
+    fn at(
+        inv_freq: &[f64],
+        head_dim: usize,
+        positions: impl ExactSizeIterator<Item = usize>,
+        per_sequence: bool,
+    ) -> RopeTable {
         let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
-        for p in start..start + len {
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for p in positions {
             for &f in &inv_freq[..half] {
                 let a = p as f64 * f;
                 cos.push(a.cos());
                 sin.push(a.sin());
             }
         }
-        RopeTable { cos, sin, half }
+        RopeTable {
+            cos,
+            sin,
+            half,
+            per_sequence,
+        }
     }
 
     /// `cos`/`sin` `[len, head_dim]` (each half repeated) in `dtype`, for [`apply_rope`].
     fn tensors(&self, dtype: DType) -> (Tensor, Tensor) {
+        debug_assert!(
+            !self.per_sequence,
+            "per-sequence positions are for decoding only"
+        );
         let len = self.cos.len() / self.half.max(1);
         let full = |t: &[f64]| {
             let v: Vec<f64> = t
@@ -696,7 +723,7 @@ impl RopeTable {
                 .zip(src.chunks_exact(width))
                 .enumerate()
             {
-                let pos = r % l;
+                let pos = if self.per_sequence { r } else { r % l };
                 let cos = &self.cos[pos * self.half..(pos + 1) * self.half];
                 let sin = &self.sin[pos * self.half..(pos + 1) * self.half];
                 for (oh, xh) in o.chunks_exact_mut(hd).zip(xr.chunks_exact(hd)) {
@@ -831,6 +858,36 @@ impl LlamaAttention {
     }
 }
 
+impl LlamaAttention {
+    /// One new position of each of `b` sequences, `x [b, 1, hidden]`: sequence `i` is at
+    /// position `past[i]`, attends over its own cache `slots[i]` and writes its key and value
+    /// there. The projections take all the sequences at once. Records no graph.
+    fn decode_many(
+        &self,
+        x: &Tensor,
+        rope: &RopeTable,
+        config: &LlamaConfig,
+        slots: &[&LayerKv],
+        past: &[usize],
+    ) -> Tensor {
+        let b = x.dim(0);
+        let (kv, hd) = (config.num_key_value_heads, config.head_dim);
+        let [q, k, v] = project_many([&self.q_proj, &self.k_proj, &self.v_proj], x);
+        let (q, k) = (rope.apply(&q), rope.apply(&k));
+        let heads = |t: &Tensor| t.reshape([b, 1, kv, hd]).transpose(1, 2);
+        let (k, v) = (heads(&k), heads(&v));
+        let outs: Vec<Tensor> = (0..b)
+            .map(|i| {
+                let slot = slots[i];
+                slot.write(past[i], &k.narrow(0, i, 1), &v.narrow(0, i, 1));
+                q.narrow(0, i, 1)
+                    .decode_attention(&slot.k, &slot.v, past[i] + 1)
+            })
+            .collect();
+        self.o_proj.forward(&Tensor::cat(&outs, 0))
+    }
+}
+
 impl LlamaMlp {
     fn forward(&self, x: &Tensor) -> Tensor {
         let [gate, up] = project_many([&self.gate_proj, &self.up_proj], x);
@@ -890,6 +947,48 @@ impl LlamaForCausalLM {
         }
         if let Some(c) = cache {
             c.len = past + l;
+        }
+        self.model.norm.forward(&h)
+    }
+
+    /// The normed hidden states `[n, 1, hidden]` of one new token for each of `n` sequences,
+    /// `ids[i]` continuing `caches[i]` (each a batch of one).
+    fn decode_hidden_many(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Tensor {
+        assert_eq!(
+            ids.len(),
+            caches.len(),
+            "LlamaForCausalLM: one token per cache"
+        );
+        let config = &self.config;
+        let dtype = self.dtype();
+        for c in caches.iter_mut() {
+            c.reserve(
+                config.num_hidden_layers,
+                [1, config.num_key_value_heads, config.head_dim],
+                1,
+                dtype,
+            );
+        }
+        let past: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        let rope = RopeTable::per_sequence(&self.inv_freq, config.head_dim, &past);
+        let ids = Tensor::from_vec(ids.iter().map(|&i| i as i64).collect(), [ids.len(), 1]);
+        let mut h = self.model.embed_tokens.lookup(&ids).to_dtype(dtype);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let slots: Vec<&LayerKv> = caches.iter().map(|c| &c.layers[i]).collect();
+            let x = layer.input_layernorm.forward(&h);
+            h = h.add(
+                &layer
+                    .self_attn
+                    .decode_many(&x, &rope, config, &slots, &past),
+            );
+            h = h.add(
+                &layer
+                    .mlp
+                    .forward(&layer.post_attention_layernorm.forward(&h)),
+            );
+        }
+        for (c, p) in caches.iter_mut().zip(past) {
+            c.len = p + 1;
         }
         self.model.norm.forward(&h)
     }
@@ -1460,6 +1559,20 @@ impl CausalLm for LlamaForCausalLM {
         logits.to_dtype(DType::F32).to_vec::<f32>()
     }
 
+    /// All the sequences' projections and MLPs run as one batch (the weights are read once);
+    /// each attends over its own cache. For quantised weights every row's logits equal those
+    /// of [`CausalLm::next_logits`] on its own exactly.
+    fn next_logits_many(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Vec<Vec<f32>> {
+        let logits = kiln_core::with_no_grad(|| self.head(&self.decode_hidden_many(ids, caches)));
+        let vocab = self.config.vocab_size;
+        logits
+            .to_dtype(DType::F32)
+            .to_vec::<f32>()
+            .chunks_exact(vocab)
+            .map(<[f32]>::to_vec)
+            .collect()
+    }
+
     fn vocab_size(&self) -> usize {
         self.config.vocab_size
     }
@@ -1603,6 +1716,42 @@ mod tests {
         for act in [QuantActivations::F32, QuantActivations::Q8] {
             let model = quantised(&dense, act);
             check_cached(&model, &mut KvCache::new(), &sizes, 1e-4);
+        }
+    }
+
+    #[test]
+    fn sequences_decoded_together_get_their_own_logits() {
+        // Three sequences at different positions (one crosses the cache's first doubling at
+        // 16) decode four tokens together; each must get what it gets decoding alone: exactly
+        // with quantised weights, within rounding with dense ones (gemm sums in another order).
+        let dense = LlamaForCausalLM::new(tiny(2), &mut Rng::new(11));
+        let models = [
+            (dense.clone(), 1e-5),
+            (quantised(&dense, QuantActivations::F32), 0.0),
+            (quantised(&dense, QuantActivations::Q8), 0.0),
+        ];
+        for (model, tol) in &models {
+            let prompts = [ids(3), ids(15), ids(9)];
+            let mut together: Vec<KvCache> = prompts
+                .iter()
+                .map(|p| {
+                    let mut c = model.new_cache();
+                    model.next_logits(p, &mut c);
+                    c
+                })
+                .collect();
+            let mut alone = together.clone();
+            for step in 0..4u32 {
+                let next: Vec<u32> = (0..3).map(|i| (7 * i + step) % 50).collect();
+                let mut refs: Vec<&mut KvCache> = together.iter_mut().collect();
+                let got = model.next_logits_many(&next, &mut refs);
+                for (i, c) in alone.iter_mut().enumerate() {
+                    let want = model.next_logits(&next[i..=i], c);
+                    let d = max_diff(&got[i], &want);
+                    assert!(d <= *tol, "sequence {i}, step {step}: max diff {d}");
+                    assert_eq!(together[i].len(), c.len());
+                }
+            }
         }
     }
 

@@ -20,7 +20,7 @@ mod worker;
 pub use config::ServeConfig;
 pub use error::{ApiError, ServeError};
 pub use metrics::Metrics;
-pub use model::{load_model, Backend, LoadedModel, ModelInfo, ModelKind};
+pub use model::{load_model, Backend, LoadedModel, ModelInfo, ModelKind, SeqId};
 pub use server::{serve, BackgroundServer, Server, ShutdownHandle};
 
 use std::path::Path;

@@ -1,5 +1,5 @@
-//! Prometheus metrics: requests per endpoint and status, latencies, batch sizes, generated
-//! tokens, queue depth.
+//! Prometheus metrics: requests per endpoint and status, latencies, batch sizes (texts per
+//! model call, sequences per decoding step), generated tokens, queue depth.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -74,6 +74,7 @@ struct Requests {
 pub struct Metrics {
     requests: Mutex<Requests>,
     batches: Mutex<Histogram>,
+    decode_batches: Mutex<Histogram>,
     queue_depth: AtomicI64,
     queue_capacity: u64,
     generated_tokens: AtomicU64,
@@ -88,6 +89,7 @@ impl Metrics {
         Metrics {
             requests: Mutex::new(Requests::default()),
             batches: Mutex::new(Histogram::new(&BATCH_BUCKETS)),
+            decode_batches: Mutex::new(Histogram::new(&BATCH_BUCKETS)),
             queue_depth: AtomicI64::new(0),
             queue_capacity: queue_capacity as u64,
             generated_tokens: AtomicU64::new(0),
@@ -125,12 +127,16 @@ impl Metrics {
         self.queue_depth.load(Ordering::Relaxed).max(0)
     }
 
-    /// Records a finished generation.
-    pub fn generated(&self, tokens: usize, took: Duration) {
+    /// Records one decoding step that gave `sequences` concurrent generations a token each.
+    pub fn decode_step(&self, sequences: usize, took: Duration) {
         self.generated_tokens
-            .fetch_add(tokens as u64, Ordering::Relaxed);
+            .fetch_add(sequences as u64, Ordering::Relaxed);
         self.generation_micros
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.decode_batches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(sequences as f64);
     }
 
     /// Counts tokens of prompts and inputs.
@@ -172,6 +178,12 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .render(&mut out, "kiln_batch_size", "");
+        out += "# HELP kiln_decode_batch_size Generations advanced together per decoding step.\n";
+        out += "# TYPE kiln_decode_batch_size histogram\n";
+        self.decode_batches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .render(&mut out, "kiln_decode_batch_size", "");
         let gauge = |out: &mut String, name: &str, kind: &str, help: &str, v: String| {
             let _ = writeln!(
                 out,
@@ -210,7 +222,7 @@ impl Metrics {
             &mut out,
             "kiln_generation_seconds_total",
             "counter",
-            "Time spent generating (tokens/s = rate of tokens / rate of this).",
+            "Wall time of decoding steps (tokens/s = rate of tokens / rate of this).",
             (self.generation_micros.load(Ordering::Relaxed) as f64 / 1e6).to_string(),
         );
         gauge(
@@ -236,7 +248,8 @@ mod tests {
         m.request("/v1/classify", 400, Duration::from_micros(500));
         m.batch(3);
         m.queued(2);
-        m.generated(5, Duration::from_millis(500));
+        m.decode_step(3, Duration::from_millis(300));
+        m.decode_step(2, Duration::from_millis(200));
         let text = m.render();
         for line in [
             "kiln_requests_total{endpoint=\"/v1/classify\",status=\"200\"} 2",
@@ -250,6 +263,8 @@ mod tests {
             "kiln_batch_size_sum 3",
             "kiln_queue_depth 2",
             "kiln_queue_capacity 8",
+            "kiln_decode_batch_size_bucket{le=\"2\"} 1",
+            "kiln_decode_batch_size_bucket{le=\"4\"} 2",
             "kiln_generated_tokens_total 5",
             "kiln_generation_seconds_total 0.5",
         ] {

@@ -9,10 +9,11 @@ use crate::error::ServeError;
 use kiln_core::{DType, Tensor};
 use kiln_data::{ChatTemplate, Tokenizer};
 use kiln_models::{
-    generate, BertForSequenceClassification, BertModel, Generated, GenerationConfig,
-    LlamaForCausalLM, QuantActivations,
+    step_many, BertForSequenceClassification, BertModel, CausalLm, GenerationConfig,
+    LlamaForCausalLM, QuantActivations, Sequence, StopReason,
 };
 use kiln_nn::ModuleExt;
+use std::collections::HashMap;
 use std::path::Path;
 
 /// What a served model can do.
@@ -71,20 +72,42 @@ pub struct ModelInfo {
     pub stop_tokens: Vec<u32>,
 }
 
+/// Names one generation in progress inside a [`Backend`] (chosen by the worker).
+pub type SeqId = u64;
+
 /// The model computation the worker thread runs. Methods may panic: the worker catches it and
 /// answers 500. `rows` are token ids with special tokens, unpadded.
+///
+/// Generation is stepwise, so that the worker can decode every generation in progress
+/// together: [`Backend::start`] sets one up, [`Backend::step`] adds a token to each of several,
+/// and [`Backend::finish`] drops one. Models that do not generate keep the defaults (errors).
 pub trait Backend: Send {
     /// Class probabilities, one row per text, in label order.
     fn classify(&mut self, rows: &[&[u32]]) -> Result<Vec<Vec<f64>>, String>;
     /// Unit-norm sentence embeddings, one per text.
     fn embed(&mut self, rows: &[&[u32]]) -> Result<Vec<Vec<f32>>, String>;
-    /// Continues `prompt`, handing each new token to `on_token` (false stops).
-    fn generate(
+    /// Sets up generation `id` of `prompt` (an error for a bad prompt or setting); nothing
+    /// runs until its first step.
+    fn start(
         &mut self,
+        id: SeqId,
         prompt: &[u32],
         config: &GenerationConfig,
-        on_token: &mut dyn FnMut(u32) -> bool,
-    ) -> Result<Generated, String>;
+    ) -> Result<(), String> {
+        let _ = (id, prompt, config);
+        Err("this model does not generate text".into())
+    }
+    /// Adds one token to each generation in `ids` (together, where the model can): the new
+    /// tokens in order, each with the reason when it ended its generation (a stop token or the
+    /// token budget).
+    fn step(&mut self, ids: &[SeqId]) -> Result<Vec<(u32, Option<StopReason>)>, String> {
+        let _ = ids;
+        Err("this model does not generate text".into())
+    }
+    /// Drops generation `id` (ended, cancelled or failed); unknown ids are ignored.
+    fn finish(&mut self, id: SeqId) {
+        let _ = id;
+    }
 }
 
 /// A model ready to serve: its description and its computation.
@@ -150,15 +173,6 @@ impl Backend for ClassifierBackend {
     fn embed(&mut self, rows: &[&[u32]]) -> Result<Vec<Vec<f32>>, String> {
         Ok(embed_with(&self.model.bert, rows, self.pad))
     }
-
-    fn generate(
-        &mut self,
-        _: &[u32],
-        _: &GenerationConfig,
-        _: &mut dyn FnMut(u32) -> bool,
-    ) -> Result<Generated, String> {
-        Err("a classifier does not generate text".into())
-    }
 }
 
 struct EmbedderBackend {
@@ -174,22 +188,19 @@ impl Backend for EmbedderBackend {
     fn embed(&mut self, rows: &[&[u32]]) -> Result<Vec<Vec<f32>>, String> {
         Ok(embed_with(&self.model, rows, self.pad))
     }
-
-    fn generate(
-        &mut self,
-        _: &[u32],
-        _: &GenerationConfig,
-        _: &mut dyn FnMut(u32) -> bool,
-    ) -> Result<Generated, String> {
-        Err("a sentence embedder does not generate text".into())
-    }
 }
 
-struct LlamaBackend {
-    model: LlamaForCausalLM,
+/// A causal LM and its generations in progress.
+struct LmBackend<M: CausalLm> {
+    model: M,
+    running: HashMap<SeqId, Sequence<M::Cache>>,
 }
 
-impl Backend for LlamaBackend {
+impl<M> Backend for LmBackend<M>
+where
+    M: CausalLm + Send,
+    M::Cache: Send,
+{
     fn classify(&mut self, _: &[&[u32]]) -> Result<Vec<Vec<f64>>, String> {
         Err("a causal language model does not classify".into())
     }
@@ -198,13 +209,39 @@ impl Backend for LlamaBackend {
         Err("a causal language model does not serve embeddings".into())
     }
 
-    fn generate(
+    fn start(
         &mut self,
+        id: SeqId,
         prompt: &[u32],
         config: &GenerationConfig,
-        on_token: &mut dyn FnMut(u32) -> bool,
-    ) -> Result<Generated, String> {
-        generate(&self.model, prompt, config, on_token)
+    ) -> Result<(), String> {
+        let seq = Sequence::new(&self.model, prompt, config.clone())?;
+        self.running.insert(id, seq);
+        Ok(())
+    }
+
+    fn step(&mut self, ids: &[SeqId]) -> Result<Vec<(u32, Option<StopReason>)>, String> {
+        if let Some(id) = ids.iter().find(|id| !self.running.contains_key(id)) {
+            return Err(format!("no generation {id} in progress"));
+        }
+        // Out of the map for the step, so that all can be borrowed at once; a panic drops them.
+        let mut taken: Vec<(SeqId, Sequence<M::Cache>)> = ids
+            .iter()
+            .filter_map(|id| self.running.remove_entry(id))
+            .collect();
+        let mut seqs: Vec<&mut Sequence<M::Cache>> = taken.iter_mut().map(|(_, s)| s).collect();
+        let tokens = step_many(&self.model, &mut seqs);
+        let out = taken
+            .iter()
+            .zip(tokens)
+            .map(|((_, s), t)| (t, s.finished()))
+            .collect();
+        self.running.extend(taken);
+        Ok(out)
+    }
+
+    fn finish(&mut self, id: SeqId) {
+        self.running.remove(&id);
     }
 }
 
@@ -344,6 +381,9 @@ fn llama(model: LlamaForCausalLM, name: String) -> Result<LoadedModel, String> {
     };
     Ok(LoadedModel {
         info,
-        backend: Box::new(LlamaBackend { model }),
+        backend: Box::new(LmBackend {
+            model,
+            running: HashMap::new(),
+        }),
     })
 }

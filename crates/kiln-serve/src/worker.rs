@@ -1,14 +1,17 @@
 //! The worker thread that owns the model: a bounded queue in front of it, dynamic batching of
-//! classify / embedding requests, one generation at a time streaming text back, and panics
-//! caught and answered 500.
+//! classify / embedding requests, continuous batching of generations (every generation in
+//! progress gets its next token in one step; new ones join between steps) streaming text back,
+//! and panics caught and answered 500.
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::model::{Backend, ModelInfo};
+use crate::model::{Backend, ModelInfo, SeqId};
 use axum::http::StatusCode;
 use kiln_models::{GenerationConfig, StopReason};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{
+    sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError,
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -60,7 +63,8 @@ pub(crate) enum GenEvent {
     Error(ApiError),
 }
 
-/// Batching settings of the worker.
+/// Batching settings of the worker: `max_batch` texts per model call and generations per
+/// decoding step (one when `batching` is off).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WorkerConfig {
     pub max_batch: usize,
@@ -144,51 +148,84 @@ impl Worker {
     fn run(mut self, rx: Receiver<Job>) {
         let _guard = kiln_core::no_grad();
         let mut carry: Option<Job> = None;
+        let mut running: Vec<Running> = Vec::new();
+        let mut next_id: SeqId = 0;
+        let most = if self.config.batching {
+            self.config.max_batch.max(1)
+        } else {
+            1
+        };
         loop {
-            let job = match carry.take() {
-                Some(j) => j,
-                None => match rx.recv() {
-                    Ok(j) => {
-                        self.metrics.queued(-1);
-                        j
-                    }
-                    Err(_) => return,
-                },
-            };
-            if let Job::Generate {
-                prompt,
-                config,
-                stop,
-                events,
-            } = job
-            {
-                self.generate(&prompt, &config, &stop, &events);
-                continue;
-            }
-            let mut batch = vec![job];
-            if self.config.batching {
-                let mut rows = batch[0].rows();
-                let deadline = Instant::now() + self.config.max_wait;
-                while rows < self.config.max_batch {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match rx.recv_timeout(left) {
-                        Ok(j) => {
-                            self.metrics.queued(-1);
-                            if matches!(j, Job::Generate { .. }) {
-                                carry = Some(j);
-                                break;
+            // Take in what is waiting; block only when nothing is being generated.
+            while running.len() < most {
+                let job = match carry.take() {
+                    Some(j) => j,
+                    None => {
+                        let got = if running.is_empty() {
+                            rx.recv().map_err(|_| TryRecvError::Disconnected)
+                        } else {
+                            rx.try_recv()
+                        };
+                        match got {
+                            Ok(j) => {
+                                self.metrics.queued(-1);
+                                j
                             }
-                            rows += j.rows();
-                            batch.push(j);
+                            // Disconnected: finish what is running, then stop.
+                            Err(_) if !running.is_empty() => break,
+                            Err(_) => return,
                         }
-                        Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
-                            break
+                    }
+                };
+                match job {
+                    Job::Generate {
+                        prompt,
+                        config,
+                        stop,
+                        events,
+                    } => {
+                        next_id += 1;
+                        if let Some(r) = self.start(next_id, &prompt, &config, stop, events) {
+                            running.push(r);
                         }
+                    }
+                    job => {
+                        let (batch, next) = self.gather(job, &rx);
+                        carry = next;
+                        self.run_batch(batch);
                     }
                 }
             }
-            self.run_batch(batch);
+            if !running.is_empty() {
+                self.step(&mut running);
+            }
         }
+    }
+
+    /// `first` and the classify / embedding jobs that arrive within the batching window, up to
+    /// `max_batch` texts; a generation job that arrives meanwhile is handed back.
+    fn gather(&self, first: Job, rx: &Receiver<Job>) -> (Vec<Job>, Option<Job>) {
+        let mut batch = vec![first];
+        if !self.config.batching {
+            return (batch, None);
+        }
+        let mut rows = batch[0].rows();
+        let deadline = Instant::now() + self.config.max_wait;
+        while rows < self.config.max_batch {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(j) => {
+                    self.metrics.queued(-1);
+                    if matches!(j, Job::Generate { .. }) {
+                        return (batch, Some(j));
+                    }
+                    rows += j.rows();
+                    batch.push(j);
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        (batch, None)
     }
 
     /// Runs the classify jobs of `batch` together, then the embedding jobs together.
@@ -289,82 +326,155 @@ impl Worker {
         Ok(out.into_iter().map(|v| v.expect("every row ran")).collect())
     }
 
-    fn generate(
+    /// Sets up generation `id`; a bad request or a panic is answered at once (`None`).
+    fn start(
         &mut self,
+        id: SeqId,
         prompt: &[u32],
         config: &GenerationConfig,
-        stop: &[String],
-        events: &mpsc::UnboundedSender<GenEvent>,
-    ) {
-        let tokenizer = &self.info.tokenizer;
-        let hold = stop.iter().map(String::len).max().unwrap_or(1).max(1) - 1;
-        let mut ids: Vec<u32> = Vec::new();
-        let mut sent = 0usize;
-        let mut stopped_at: Option<usize> = None;
+        stop: Vec<String>,
+        events: mpsc::UnboundedSender<GenEvent>,
+    ) -> Option<Running> {
+        let backend = &mut *self.backend;
+        let error = match catch_unwind(AssertUnwindSafe(|| backend.start(id, prompt, config))) {
+            Ok(Ok(())) => {
+                return Some(Running {
+                    id,
+                    hold: stop.iter().map(String::len).max().unwrap_or(1).max(1) - 1,
+                    stop,
+                    events,
+                    tokens: Vec::new(),
+                    sent: 0,
+                })
+            }
+            Ok(Err(e)) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("generation failed: {e}"),
+            ),
+            Err(p) => {
+                self.metrics.panicked();
+                internal("generating", p.as_ref())
+            }
+        };
+        self.backend.finish(id);
+        let _ = events.send(GenEvent::Error(error));
+        None
+    }
+
+    /// One token for every generation in `running` (one model step for all), streamed to
+    /// each; ended, cancelled and failed generations leave `running`.
+    fn step(&mut self, running: &mut Vec<Running>) {
+        // A client that went away cancels its generation.
+        running.retain(|r| {
+            let gone = r.events.is_closed();
+            if gone {
+                self.backend.finish(r.id);
+            }
+            !gone
+        });
+        if running.is_empty() {
+            return;
+        }
+        let ids: Vec<SeqId> = running.iter().map(|r| r.id).collect();
         let start = Instant::now();
         let backend = &mut *self.backend;
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            backend.generate(prompt, config, &mut |t| {
-                ids.push(t);
-                if events.is_closed() {
-                    return false;
+        let result = catch_unwind(AssertUnwindSafe(|| backend.step(&ids)));
+        let error = match result {
+            Ok(Ok(out)) if out.len() == ids.len() => {
+                self.metrics.decode_step(ids.len(), start.elapsed());
+                let tokenizer = &self.info.tokenizer;
+                let mut still = Vec::with_capacity(running.len());
+                for (mut r, (token, ended)) in running.drain(..).zip(out) {
+                    match r.push(token, ended, tokenizer) {
+                        Some(done) => {
+                            self.backend.finish(r.id);
+                            let _ = r.events.send(done);
+                        }
+                        None => still.push(r),
+                    }
                 }
-                let Ok(text) = tokenizer.decode(&ids, true) else {
-                    return true;
-                };
-                if let Some(pos) = find_stop(&text, stop) {
-                    stopped_at = Some(pos);
-                    return false;
-                }
+                *running = still;
+                return;
+            }
+            Ok(Ok(out)) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!(
+                    "internal error while generating: {} tokens for {} generations",
+                    out.len(),
+                    ids.len()
+                ),
+            ),
+            Ok(Err(e)) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("generation failed: {e}"),
+            ),
+            Err(p) => {
+                self.metrics.panicked();
+                internal("generating", p.as_ref())
+            }
+        };
+        // The step is one computation: every generation in it fails.
+        for r in running.drain(..) {
+            self.backend.finish(r.id);
+            let _ = r.events.send(GenEvent::Error(error.clone()));
+        }
+    }
+}
+
+/// A generation in progress: where its text goes and how much has been sent.
+struct Running {
+    id: SeqId,
+    stop: Vec<String>,
+    /// Bytes held back at the end of the text (what could start a stop string).
+    hold: usize,
+    events: mpsc::UnboundedSender<GenEvent>,
+    tokens: Vec<u32>,
+    /// Bytes of the decoded text already sent.
+    sent: usize,
+}
+
+impl Running {
+    /// Takes the next token: sends the text that is now certain, and returns the final event
+    /// when the generation has ended (a stop token or the budget, `ended`, or a stop string).
+    fn push(
+        &mut self,
+        token: u32,
+        ended: Option<StopReason>,
+        tokenizer: &kiln_data::Tokenizer,
+    ) -> Option<GenEvent> {
+        self.tokens.push(token);
+        let text = tokenizer.decode(&self.tokens, true).unwrap_or_default();
+        let stopped_at = find_stop(&text, &self.stop);
+        let finish_reason = match (stopped_at, ended) {
+            (Some(_), _) | (None, Some(StopReason::StopToken)) => "stop",
+            (None, Some(StopReason::MaxTokens)) => "length",
+            (None, Some(StopReason::Callback)) => "cancelled",
+            (None, None) => {
                 // Hold back a partial UTF-8 character and what could start a stop string.
                 let mut end = text.trim_end_matches('\u{fffd}').len();
-                end = end.min(text.len().saturating_sub(hold));
+                end = end.min(text.len().saturating_sub(self.hold));
                 while !text.is_char_boundary(end) {
                     end -= 1;
                 }
-                if end > sent && text.is_char_boundary(sent) {
-                    let _ = events.send(GenEvent::Text(text[sent..end].to_string()));
-                    sent = end;
+                if end > self.sent && text.is_char_boundary(self.sent) {
+                    let _ = self
+                        .events
+                        .send(GenEvent::Text(text[self.sent..end].to_string()));
+                    self.sent = end;
                 }
-                true
-            })
-        }));
-        let elapsed = start.elapsed();
-        let generated = match result {
-            Ok(Ok(g)) => g,
-            Ok(Err(e)) => {
-                let _ = events.send(GenEvent::Error(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("generation failed: {e}"),
-                )));
-                return;
-            }
-            Err(p) => {
-                self.metrics.panicked();
-                let _ = events.send(GenEvent::Error(internal("generating", p.as_ref())));
-                return;
+                return None;
             }
         };
-        self.metrics.generated(generated.tokens.len(), elapsed);
-        let text = tokenizer
-            .decode(&generated.tokens, true)
-            .unwrap_or_default();
-        let end = stopped_at
-            .or_else(|| find_stop(&text, stop))
-            .unwrap_or(text.len());
-        if end > sent && text.is_char_boundary(sent) && text.is_char_boundary(end) {
-            let _ = events.send(GenEvent::Text(text[sent..end].to_string()));
+        let end = stopped_at.unwrap_or(text.len());
+        if end > self.sent && text.is_char_boundary(self.sent) && text.is_char_boundary(end) {
+            let _ = self
+                .events
+                .send(GenEvent::Text(text[self.sent..end].to_string()));
         }
-        let finish_reason = match generated.stop {
-            _ if stopped_at.is_some() => "stop",
-            StopReason::StopToken => "stop",
-            StopReason::MaxTokens => "length",
-            StopReason::Callback => "cancelled",
-        };
-        let _ = events.send(GenEvent::Done {
+        Some(GenEvent::Done {
             finish_reason,
-            completion_tokens: generated.tokens.len(),
-        });
+            completion_tokens: self.tokens.len(),
+        })
     }
 }
 

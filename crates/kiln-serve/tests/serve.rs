@@ -16,10 +16,11 @@ use kiln_models::{
 };
 use kiln_nn::ModuleExt;
 use kiln_serve::{
-    load_model, Backend, BackgroundServer, LoadedModel, ModelInfo, ModelKind, ServeConfig,
+    load_model, Backend, BackgroundServer, LoadedModel, ModelInfo, ModelKind, SeqId, ServeConfig,
 };
 use proptest::prelude::*;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
@@ -557,6 +558,63 @@ fn concurrent_generations_each_get_their_own_seeded_answer() {
     }
 }
 
+/// Generations that overlap in time are decoded together (continuous batching), and each
+/// still gets exactly its own seeded answer; with batching off every step carries one.
+#[test]
+fn overlapping_generations_are_decoded_together_and_get_their_own_answers() {
+    let jobs: Vec<(String, u64)> = (0..6).map(|i| (format!("Tale {i}:"), 10 + i)).collect();
+    let wants: Vec<String> = jobs
+        .iter()
+        .map(|(p, seed)| generate_direct(p, &GenerationConfig::sampling(6, 1.0, *seed)).0)
+        .collect();
+    for batching in [true, false] {
+        let LoadedModel { info, backend } = load_model(&smollm2_path(), None).unwrap();
+        // Slow steps, so that the requests certainly overlap.
+        let backend = Box::new(Faulty {
+            inner: backend,
+            trigger: None,
+            delay: Duration::from_millis(40),
+        });
+        let server =
+            BackgroundServer::start(base().batching(batching), LoadedModel { info, backend })
+                .unwrap();
+        let addr = server.local_addr();
+        let answers: Vec<Value> = std::thread::scope(|s| {
+            let hs: Vec<_> = jobs
+                .iter()
+                .map(|(p, seed)| {
+                    let body =
+                        json!({"prompt": p, "max_tokens": 6, "temperature": 1.0, "seed": seed});
+                    s.spawn(move || post(addr, "/v1/completions", &body))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap().json()).collect()
+        });
+        let mut tokens = 0.0;
+        for ((a, want), (p, _)) in answers.iter().zip(&wants).zip(&jobs) {
+            assert_eq!(
+                a["choices"][0]["text"],
+                want.as_str(),
+                "{p}, batching {batching}"
+            );
+            tokens += a["usage"]["completion_tokens"].as_f64().unwrap();
+        }
+        let steps = metric(addr, "kiln_decode_batch_size_count ");
+        let alone = metric(addr, "kiln_decode_batch_size_bucket{le=\"1\"} ");
+        assert_eq!(metric(addr, "kiln_decode_batch_size_sum "), tokens);
+        assert_eq!(metric(addr, "kiln_generated_tokens_total "), tokens);
+        if batching {
+            assert!(
+                alone < steps && steps < tokens,
+                "batching on: {steps} steps ({alone} of one generation) for {tokens} tokens"
+            );
+        } else {
+            assert_eq!((alone, steps), (tokens, tokens), "batching off");
+        }
+        server.stop().unwrap();
+    }
+}
+
 // ------------------------------------------------------------------ info endpoints
 
 #[test]
@@ -869,7 +927,8 @@ fn every_bad_request_is_a_json_4xx_naming_the_field() {
 
 // ------------------------------------------------------------------ failures inside compute
 
-/// Wraps a real backend: classify panics when a row holds `trigger`, and sleeps `delay` first.
+/// Wraps a real backend: classify panics when a row holds `trigger`; classify and every
+/// generation step sleep `delay` first.
 struct Faulty {
     inner: Box<dyn Backend>,
     trigger: Option<u32>,
@@ -891,13 +950,22 @@ impl Backend for Faulty {
         self.inner.embed(rows)
     }
 
-    fn generate(
+    fn start(
         &mut self,
+        id: SeqId,
         prompt: &[u32],
         config: &GenerationConfig,
-        on_token: &mut dyn FnMut(u32) -> bool,
-    ) -> Result<Generated, String> {
-        self.inner.generate(prompt, config, on_token)
+    ) -> Result<(), String> {
+        self.inner.start(id, prompt, config)
+    }
+
+    fn step(&mut self, ids: &[SeqId]) -> Result<Vec<(u32, Option<StopReason>)>, String> {
+        std::thread::sleep(self.delay);
+        self.inner.step(ids)
+    }
+
+    fn finish(&mut self, id: SeqId) {
+        self.inner.finish(id)
     }
 }
 
@@ -945,6 +1013,8 @@ struct ToyLm {
     words: Vec<u32>,
     trigger: u32,
     delay: Duration,
+    /// Per generation: tokens so far, the budget, and whether it will explode.
+    running: HashMap<SeqId, (usize, usize, bool)>,
 }
 
 impl Backend for ToyLm {
@@ -956,36 +1026,41 @@ impl Backend for ToyLm {
         Err("no".into())
     }
 
-    fn generate(
+    fn start(
         &mut self,
+        id: SeqId,
         prompt: &[u32],
         config: &GenerationConfig,
-        on_token: &mut dyn FnMut(u32) -> bool,
-    ) -> Result<Generated, String> {
-        let mut tokens = Vec::new();
-        for (i, &w) in self
-            .words
-            .iter()
-            .cycle()
-            .take(config.max_new_tokens)
-            .enumerate()
-        {
-            if i == 2 && prompt.contains(&self.trigger) {
+    ) -> Result<(), String> {
+        let explodes = prompt.contains(&self.trigger);
+        self.running
+            .insert(id, (0, config.max_new_tokens, explodes));
+        Ok(())
+    }
+
+    fn step(&mut self, ids: &[SeqId]) -> Result<Vec<(u32, Option<StopReason>)>, String> {
+        std::thread::sleep(self.delay);
+        let mut out = Vec::new();
+        for id in ids {
+            let (done, _, explodes) = self.running.get_mut(id).ok_or("unknown id")?;
+            if *done == 2 && *explodes {
                 panic!("toy model exploded");
             }
-            std::thread::sleep(self.delay);
-            tokens.push(w);
-            if !on_token(w) {
-                return Ok(Generated {
-                    tokens,
-                    stop: StopReason::Callback,
-                });
-            }
+            out.push(self.words[*done % self.words.len()]);
+            *done += 1;
         }
-        Ok(Generated {
-            tokens,
-            stop: StopReason::MaxTokens,
-        })
+        Ok(out
+            .into_iter()
+            .zip(ids)
+            .map(|(w, id)| {
+                let (done, budget, _) = self.running[id];
+                (w, (done >= budget).then_some(StopReason::MaxTokens))
+            })
+            .collect())
+    }
+
+    fn finish(&mut self, id: SeqId) {
+        self.running.remove(&id);
     }
 }
 
@@ -996,6 +1071,7 @@ fn toy_lm(delay: Duration) -> LoadedModel {
         words: ["one", "two", "three", "four"].map(id).to_vec(),
         trigger: id("explode"),
         delay,
+        running: HashMap::new(),
     };
     let info = ModelInfo {
         name: "toy".into(),

@@ -696,66 +696,87 @@ enum Prepared<'a> {
     Q8(&'a Q8Row),
 }
 
-/// `out[j] = W[first + j] · x` for `out.len()` consecutive weight rows, four rows per pass
-/// over the activations where the CPU allows.
-fn dot_rows(w: &QMatrix, first: usize, x: &Prepared, out: &mut [f32]) {
+/// `out[j·m + r] = W[first + j] · xs[r]` for consecutive weight rows `j` (`out` holds
+/// `rows × m` values, `m = xs.len()`): each group of four weight rows is taken against every
+/// activation row while it is in cache. A product's value does not depend on `m`.
+fn dot_rows(w: &QMatrix, first: usize, xs: &[Prepared], out: &mut [f32]) {
     let ty = w.qtype();
     let rb = w.row_bytes();
     let all = w.bytes();
+    let m = xs.len();
+    let n = out.len() / m.max(1);
     let rows = |j: usize, n: usize| &all[(first + j) * rb..(first + j + n) * rb];
+    let one = |j: usize, x: &Prepared| match x {
+        Prepared::F32 { x, xsum } => dot_row_f32(ty, rows(j, 1), x, xsum),
+        Prepared::Q8(q) => dot_row_q8(ty, rows(j, 1), q),
+    };
+    let mut j = 0;
     #[cfg(target_arch = "x86_64")]
     if simd_ok() {
-        let mut j = 0;
-        while j + 4 <= out.len() {
+        while j + 4 <= n {
             let r = rows(j, 4);
             let four = [&r[..rb], &r[rb..2 * rb], &r[2 * rb..3 * rb], &r[3 * rb..]];
-            // SAFETY: AVX2, FMA and F16C are available (checked by `simd_ok`).
-            let v = unsafe {
-                match x {
-                    Prepared::F32 { x, xsum } => avx2::dot4_f32(ty, four, x, xsum),
-                    Prepared::Q8(q) => avx2::dot4_q8(ty, four, q),
+            for (i, x) in xs.iter().enumerate() {
+                // SAFETY: AVX2, FMA and F16C are available (checked by `simd_ok`).
+                let v = unsafe {
+                    match x {
+                        Prepared::F32 { x, xsum } => avx2::dot4_f32(ty, four, x, xsum),
+                        Prepared::Q8(q) => avx2::dot4_q8(ty, four, q),
+                    }
+                };
+                for (t, v) in v.into_iter().enumerate() {
+                    out[(j + t) * m + i] = v;
                 }
-            };
-            out[j..j + 4].copy_from_slice(&v);
+            }
             j += 4;
         }
-        for (jj, o) in out.iter_mut().enumerate().skip(j) {
-            *o = match x {
-                Prepared::F32 { x, xsum } => dot_row_f32(ty, rows(jj, 1), x, xsum),
-                Prepared::Q8(q) => dot_row_q8(ty, rows(jj, 1), q),
-            };
-        }
-        return;
     }
-    for (j, o) in out.iter_mut().enumerate() {
-        *o = match x {
-            Prepared::F32 { x, xsum } => dot_row_f32(ty, rows(j, 1), x, xsum),
-            Prepared::Q8(q) => dot_row_q8(ty, rows(j, 1), q),
-        };
+    for jj in j..n {
+        for (i, x) in xs.iter().enumerate() {
+            out[jj * m + i] = one(jj, x);
+        }
     }
 }
 
-/// One activation row times several matrices of its width, their outputs one after the other
-/// in the result; the rows of all of them are split evenly over the threads in one dispatch.
-fn matvec_many(ws: &[&QMatrix], x: &Prepared) -> Buffer<f32> {
+/// A few activation rows times several matrices of their width: `[m, total]`, each row
+/// holding its products with every matrix one after the other. The rows of all the matrices
+/// are split over the threads in one dispatch, and the weights stream from memory once
+/// however many activation rows there are (decoding several sequences at once).
+fn matvec_many(ws: &[&QMatrix], xs: &[Prepared]) -> Buffer<f32> {
+    let m = xs.len();
     let total: usize = ws.iter().map(|w| w.dims().0).sum();
     let k = ws.first().map_or(0, |w| w.dims().1);
-    let mut out = Buffer::<f32>::uninit(total);
-    parallel::for_each_split(&mut out, 4, total * k, |start, part| {
-        // Walk the matrices that overlap [start, start + part.len()).
+    // Weight-major `[total, m]`, so that each thread's part is one slice.
+    let mut out = Buffer::<f32>::uninit(total * m);
+    parallel::for_each_split(&mut out, 4 * m, m * total * k, |start, part| {
+        let (start, len) = (start / m, part.len() / m);
+        // Walk the matrices that overlap [start, start + len).
         let (mut at, mut base) = (0usize, 0usize);
         for w in ws {
             let n = w.dims().0;
-            let (lo, hi) = (start.max(base), (start + part.len()).min(base + n));
+            let (lo, hi) = (start.max(base), (start + len).min(base + n));
             if lo < hi {
-                dot_rows(w, lo - base, x, &mut part[at..at + hi - lo]);
+                dot_rows(w, lo - base, xs, &mut part[at * m..(at + hi - lo) * m]);
                 at += hi - lo;
             }
             base += n;
         }
     });
-    out
+    if m == 1 {
+        return out;
+    }
+    let mut rows = Buffer::<f32>::uninit(total * m);
+    for (j, products) in out.chunks_exact(m).enumerate() {
+        for (i, &v) in products.iter().enumerate() {
+            rows[i * total + j] = v;
+        }
+    }
+    rows
 }
+
+/// Up to this many activation rows, the products stream the weights once for all rows
+/// ([`matvec_many`]); more rows (a prompt) are split over the threads row by row.
+const MATVEC_ROWS: usize = 16;
 
 // ------------------------------------------------------------------------- the products
 
@@ -796,20 +817,19 @@ fn per_output(
 
 /// `x[m, k] · Wᵀ` with f32 activations.
 fn forward_f32(x: &[f32], m: usize, w: &QMatrix) -> Buffer<f32> {
-    let (n, k) = w.dims();
     if m >= DEQUANT_GEMM_ROWS {
         return forward_tiles(x, m, w);
     }
     let xsum = block_sums(x);
-    let blocks = k / QK;
-    if m == 1 {
-        return matvec_many(&[w], &Prepared::F32 { x, xsum: &xsum });
-    }
-    per_output(m, n, n * k, |i, o| {
-        let xr = &x[i * k..(i + 1) * k];
-        let xs = &xsum[i * blocks..(i + 1) * blocks];
-        dot_rows(w, 0, &Prepared::F32 { x: xr, xsum: xs }, o);
-    })
+    matvec_many(&[w], &f32_rows(x, &xsum, w.dims().1))
+}
+
+/// Rows of `k` f32 activations with their block sums, prepared for [`dot_rows`].
+fn f32_rows<'a>(x: &'a [f32], xsum: &'a [f32], k: usize) -> Vec<Prepared<'a>> {
+    x.chunks_exact(k)
+        .zip(xsum.chunks_exact(k / QK))
+        .map(|(x, xsum)| Prepared::F32 { x, xsum })
+        .collect()
 }
 
 /// The sum of every block of 32 values of `x`.
@@ -867,11 +887,12 @@ fn forward_q8(x: &[f32], _m: usize, w: &QMatrix) -> Buffer<f32> {
 /// `x · Wᵀ` for activation rows already quantised.
 fn forward_q8_rows(rows: &[Q8Row], w: &QMatrix) -> Buffer<f32> {
     let (n, k) = w.dims();
-    if rows.len() == 1 {
-        return matvec_many(&[w], &Prepared::Q8(&rows[0]));
+    if rows.len() <= MATVEC_ROWS {
+        let xs: Vec<Prepared> = rows.iter().map(Prepared::Q8).collect();
+        return matvec_many(&[w], &xs);
     }
     per_output(rows.len(), n, n * k, |i, o| {
-        dot_rows(w, 0, &Prepared::Q8(&rows[i]), o)
+        dot_rows(w, 0, &[Prepared::Q8(&rows[i])], o)
     })
 }
 
@@ -937,8 +958,8 @@ impl Tensor {
     /// `[self · W₀ᵀ, self · W₁ᵀ, ..]` for quantised weights of one width (`self` `[.., k]`,
     /// every `Wᵢ` `[nᵢ, k]`): equal to [`Tensor::qmatmul`] (or, with `q8`,
     /// [`Tensor::qmatmul_q8`]) of each, but the activations are prepared (summed or quantised)
-    /// once, and for a single row the rows of all the matrices share one split over the
-    /// threads. Differentiable with respect to `self`.
+    /// once, and for a few rows (decoding) the rows of all the matrices share one split over
+    /// the threads. Differentiable with respect to `self`.
     pub fn qmatmul_many(&self, ws: &[&QMatrix], q8: bool) -> Vec<Tensor> {
         let op = if q8 {
             "qmatmul_many(q8)"
@@ -962,30 +983,35 @@ impl Tensor {
             let s = xc.storage();
             let data = crate::typed_slice!(s, f32, op);
             let x = &data[xc.layout().contiguous_range().expect("contiguous")];
+            // `[m, total]` products with all the matrices → one `[m, n]` buffer per matrix.
             let split = |all: Buffer<f32>| -> Vec<Buffer<f32>> {
+                let total = all.len() / m;
                 let mut at = 0;
                 ws.iter()
                     .map(|w| {
                         let n = w.dims().0;
+                        let mut own = Buffer::<f32>::uninit(m * n);
+                        for (dst, src) in own.chunks_exact_mut(n).zip(all.chunks_exact(total)) {
+                            dst.copy_from_slice(&src[at..at + n]);
+                        }
                         at += n;
-                        Buffer::from_slice(&all[at - n..at])
+                        own
                     })
                     .collect()
             };
-            match (q8, m) {
-                (true, _) => {
-                    let rows: Vec<Q8Row> = x.chunks_exact(k).map(quantize_row_q8).collect();
-                    if m == 1 {
-                        split(matvec_many(ws, &Prepared::Q8(&rows[0])))
-                    } else {
-                        ws.iter().map(|w| forward_q8_rows(&rows, w)).collect()
-                    }
+            if q8 {
+                let rows: Vec<Q8Row> = x.chunks_exact(k).map(quantize_row_q8).collect();
+                if m <= MATVEC_ROWS {
+                    let xs: Vec<Prepared> = rows.iter().map(Prepared::Q8).collect();
+                    split(matvec_many(ws, &xs))
+                } else {
+                    ws.iter().map(|w| forward_q8_rows(&rows, w)).collect()
                 }
-                (false, 1) => {
-                    let xsum = block_sums(x);
-                    split(matvec_many(ws, &Prepared::F32 { x, xsum: &xsum }))
-                }
-                (false, _) => ws.iter().map(|w| forward_f32(x, m, w)).collect(),
+            } else if m < DEQUANT_GEMM_ROWS {
+                let xsum = block_sums(x);
+                split(matvec_many(ws, &f32_rows(x, &xsum, k)))
+            } else {
+                ws.iter().map(|w| forward_f32(x, m, w)).collect()
             }
         };
         bufs.into_iter()
@@ -1232,6 +1258,34 @@ mod tests {
                 parallel::set_num_threads(0);
             }
         }
+    }
+
+    #[test]
+    fn a_rows_products_do_not_depend_on_the_rows_beside_it() {
+        // Decoding several sequences in one batch must give each exactly what it gets alone.
+        let w = QMatrix::quantize(QType::Q4_1, &Tensor::randn([258, 256], 21));
+        for threads in [1, 2] {
+            parallel::set_num_threads(threads);
+            for (m, q8) in [(2, false), (7, false), (2, true), (16, true), (17, true)] {
+                let x = Tensor::randn([m, 256], 22);
+                let all = if q8 { x.qmatmul_q8(&w) } else { x.qmatmul(&w) };
+                let all = all.to_vec::<f32>();
+                for i in 0..m {
+                    let row = x.narrow(0, i, 1);
+                    let alone = if q8 {
+                        row.qmatmul_q8(&w)
+                    } else {
+                        row.qmatmul(&w)
+                    };
+                    assert_eq!(
+                        alone.to_vec::<f32>(),
+                        all[i * 258..(i + 1) * 258],
+                        "m={m} q8={q8} row {i}"
+                    );
+                }
+            }
+        }
+        parallel::set_num_threads(0);
     }
 
     #[test]
