@@ -5,8 +5,8 @@
 # throughput and p50 / p99 latency:
 #   - /v1/classify on the quickstart's fine-tuned classifier (out/sentiment; run
 #     scripts/quickstart.sh first), with dynamic batching on and off;
-#   - /v1/completions on SmolLM2-135M (tokens/s from the server's own token counter over each
-#     level's wall time).
+#   - /v1/completions on SmolLM2-135M, with continuous batching of generations on and off
+#     (tokens/s from the server's own token counter over each level's wall time).
 #
 #   scripts/load_test.sh [-n REQUESTS] [-g GEN_REQUESTS] [-c "1 8 64"] [--classifier DIR]
 #                        [--lm FILE] [--max-tokens N] [--skip-lm] [--skip-classifier]
@@ -121,18 +121,22 @@ if [[ $SKIP_LM == 0 ]]; then
     if ! [[ -f "$LM" ]]; then
         scripts/fetch_models.sh smollm2
     fi
-    start_server "$LM" --max-tokens "$MAX_TOKENS"
     BODY="{\"prompt\": \"Here is a long story about a lighthouse keeper:\", \"max_tokens\": $MAX_TOKENS, \"temperature\": 0.8, \"seed\": 1}"
-    echo "== /v1/completions ($LM), max_tokens $MAX_TOKENS, $GEN_N requests"
-    printf "%-12s %10s %10s %10s %10s %8s\n" clients "req/s" "tokens/s" "p50 ms" "p99 ms" "ok"
-    for c in $CONCURRENCY; do
-        before=$(generated_tokens)
-        read -r rps p50 p99 ok < <(drive /v1/completions "$BODY" "$GEN_N" "$c")
-        after=$(generated_tokens)
-        # Tokens the server generated during this level (an answer may end before max_tokens),
-        # over the level's wall time (requests / rate).
-        tps=$(python3 -c "print('%.1f' % (($after - $before) * $rps / $GEN_N))")
-        printf "%-12s %10s %10s %10s %10s %8s\n" "$c" "$rps" "$tps" "$p50" "$p99" "$ok"
+    for mode in on off; do
+        flags=()
+        [[ $mode == off ]] && flags=(--no-batching)
+        start_server "$LM" --max-tokens "$MAX_TOKENS" "${flags[@]}"
+        echo "== /v1/completions ($LM), batching $mode, max_tokens $MAX_TOKENS, $GEN_N requests"
+        printf "%-12s %10s %10s %10s %10s %8s\n" clients "req/s" "tokens/s" "p50 ms" "p99 ms" "ok"
+        for c in $CONCURRENCY; do
+            before=$(generated_tokens)
+            read -r rps p50 p99 ok < <(drive /v1/completions "$BODY" "$GEN_N" "$c")
+            after=$(generated_tokens)
+            # Tokens the server generated during this level (an answer may end before
+            # max_tokens), over the level's wall time (requests / rate).
+            tps=$(python3 -c "print('%.1f' % (($after - $before) * $rps / $GEN_N))")
+            printf "%-12s %10s %10s %10s %10s %8s\n" "$c" "$rps" "$tps" "$p50" "$p99" "$ok"
+        done
+        stop_server
     done
-    stop_server
 fi

@@ -199,18 +199,37 @@ pub fn pick_token(
     if !config.do_sample {
         return argmax(logits);
     }
-    // Candidates sorted by logit, highest first; top-k cuts the list.
-    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-    order.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-    if let Some(k) = config.top_k {
-        order.truncate(k.max(1));
-    }
     let t = config.temperature as f64;
-    let top = logits[order[0] as usize] as f64;
-    let mut probs: Vec<f64> = order
-        .iter()
-        .map(|&i| ((logits[i as usize] as f64 - top) / t).exp())
-        .collect();
+    let top = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
+    let weight = |l: f32| ((l as f64 - top) / t).exp();
+    if config.top_k.is_none() && config.top_p.is_none_or(|p| p >= 1.0) {
+        // The whole distribution: no ordering needed, one pass to sum and one to draw.
+        let total: f64 = logits.iter().map(|&l| weight(l)).sum();
+        let target = rng.next_f64() * total;
+        let mut acc = 0.0;
+        let mut last = 0;
+        for (i, &l) in logits.iter().enumerate() {
+            let w = weight(l);
+            if w > 0.0 {
+                acc += w;
+                last = i;
+                if target < acc {
+                    return i as u32;
+                }
+            }
+        }
+        return last as u32;
+    }
+    // Candidates sorted by logit, highest first, cut to top-k (found by selection, so only the
+    // k survivors are sorted).
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    if let Some(k) = config.top_k.map(|k| k.max(1)).filter(|&k| k < order.len()) {
+        order.select_nth_unstable_by(k - 1, by_logit);
+        order.truncate(k);
+    }
+    order.sort_unstable_by(by_logit);
+    let mut probs: Vec<f64> = order.iter().map(|&i| weight(logits[i as usize])).collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if let Some(p) = config.top_p {

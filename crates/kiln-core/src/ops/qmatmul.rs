@@ -642,6 +642,87 @@ mod avx2 {
         ]
     }
 
+    /// Four weight rows ready for [`dot4_unpacked_q8`]: the quants as unsigned bytes and the
+    /// block parameters as f32, for several activation rows to share.
+    #[derive(Default)]
+    pub(super) struct Unpacked4 {
+        /// `[blocks × 4]`: the quants (`Q8_0`: their magnitudes) as unsigned bytes.
+        u: Vec<__m256i>,
+        /// `Q8_0` only, `[blocks × 4]`: the raw quants, whose signs go onto the activations.
+        signs: Vec<__m256i>,
+        /// Per block: the four rows' scales.
+        d: Vec<__m128>,
+        /// Per block: the four rows' offset terms.
+        c: Vec<__m128>,
+    }
+
+    /// Unpacks four weight rows into `into` (its storage is reused).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn unpack4(ty: QType, w: [&[u8]; 4], into: &mut Unpacked4) {
+        let bb = ty.block_bytes();
+        let blocks = w[0].len() / bb;
+        assert!(w.iter().all(|r| r.len() == blocks * bb));
+        let at = if ty == QType::Q4_1 { 4 } else { 2 };
+        into.u.clear();
+        into.signs.clear();
+        into.d.clear();
+        into.c.clear();
+        for b in 0..blocks {
+            let p = [
+                w[0].as_ptr().add(b * bb),
+                w[1].as_ptr().add(b * bb),
+                w[2].as_ptr().add(b * bb),
+                w[3].as_ptr().add(b * bb),
+            ];
+            let (d, c) = params4(ty, p);
+            into.d.push(d);
+            into.c.push(c);
+            for q in p {
+                if ty == QType::Q8_0 {
+                    let wq = _mm256_loadu_si256(q.add(at) as *const __m256i);
+                    into.u.push(_mm256_sign_epi8(wq, wq));
+                    into.signs.push(wq);
+                } else {
+                    into.u.push(nibbles(q.add(at)));
+                }
+            }
+        }
+    }
+
+    /// [`dot4_q8`] on unpacked rows: the same operations in the same order, so the same
+    /// results, without unpacking the weights again for every activation row.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot4_unpacked_q8(ty: QType, w: &Unpacked4, x: &Q8Row) -> [f32; 4] {
+        let blocks = w.d.len();
+        assert!(x.q.len() >= blocks * QK && x.d.len() >= blocks && x.dsum.len() >= blocks);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut off = _mm_setzero_ps();
+        for b in 0..blocks {
+            let dx = _mm_mul_ps(w.d[b], _mm_set1_ps(*x.d.get_unchecked(b)));
+            let dxx = _mm256_set_m128(dx, dx);
+            off = _mm_fmadd_ps(w.c[b], _mm_set1_ps(*x.dsum.get_unchecked(b)), off);
+            let xq = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
+            for r in 0..4 {
+                let u = *w.u.get_unchecked(4 * b + r);
+                let prod = if ty == QType::Q8_0 {
+                    _mm256_maddubs_epi16(u, _mm256_sign_epi8(xq, *w.signs.get_unchecked(4 * b + r)))
+                } else {
+                    _mm256_maddubs_epi16(u, xq)
+                };
+                let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, _mm256_set1_epi16(1)));
+                acc[r] = _mm256_fmadd_ps(lane(dxx, r), s, acc[r]);
+            }
+        }
+        let mut o = [0f32; 4];
+        _mm_storeu_ps(o.as_mut_ptr(), off);
+        [
+            hsum(acc[0]) + o[0],
+            hsum(acc[1]) + o[1],
+            hsum(acc[2]) + o[2],
+            hsum(acc[3]) + o[3],
+        ]
+    }
+
     /// Four weight rows dotted with one f32 activation row.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot4_f32(ty: QType, w: [&[u8]; 4], x: &[f32], xsum: &[f32]) -> [f32; 4] {
@@ -713,6 +794,31 @@ fn dot_rows(w: &QMatrix, first: usize, xs: &[Prepared], out: &mut [f32]) {
     let mut j = 0;
     #[cfg(target_arch = "x86_64")]
     if simd_ok() {
+        let q8: Vec<&Q8Row> = xs
+            .iter()
+            .filter_map(|x| match x {
+                Prepared::Q8(q) => Some(*q),
+                Prepared::F32 { .. } => None,
+            })
+            .collect();
+        if m > 1 && q8.len() == m {
+            // Several 8-bit rows: unpack each group of four weight rows once for all of them.
+            let mut unpacked = avx2::Unpacked4::default();
+            while j + 4 <= n {
+                let r = rows(j, 4);
+                let four = [&r[..rb], &r[rb..2 * rb], &r[2 * rb..3 * rb], &r[3 * rb..]];
+                // SAFETY: AVX2, FMA and F16C are available (checked by `simd_ok`).
+                unsafe { avx2::unpack4(ty, four, &mut unpacked) };
+                for (i, x) in q8.iter().enumerate() {
+                    // SAFETY: as above.
+                    let v = unsafe { avx2::dot4_unpacked_q8(ty, &unpacked, x) };
+                    for (t, v) in v.into_iter().enumerate() {
+                        out[(j + t) * m + i] = v;
+                    }
+                }
+                j += 4;
+            }
+        }
         while j + 4 <= n {
             let r = rows(j, 4);
             let four = [&r[..rb], &r[rb..2 * rb], &r[2 * rb..3 * rb], &r[3 * rb..]];
@@ -1263,8 +1369,8 @@ mod tests {
     #[test]
     fn a_rows_products_do_not_depend_on_the_rows_beside_it() {
         // Decoding several sequences in one batch must give each exactly what it gets alone.
-        let w = QMatrix::quantize(QType::Q4_1, &Tensor::randn([258, 256], 21));
-        for threads in [1, 2] {
+        for (ty, threads) in TYPES.into_iter().zip([1, 2, 2]) {
+            let w = QMatrix::quantize(ty, &Tensor::randn([258, 256], 21));
             parallel::set_num_threads(threads);
             for (m, q8) in [(2, false), (7, false), (2, true), (16, true), (17, true)] {
                 let x = Tensor::randn([m, 256], 22);
@@ -1280,7 +1386,7 @@ mod tests {
                     assert_eq!(
                         alone.to_vec::<f32>(),
                         all[i * 258..(i + 1) * 258],
-                        "m={m} q8={q8} row {i}"
+                        "{ty} m={m} q8={q8} row {i}"
                     );
                 }
             }

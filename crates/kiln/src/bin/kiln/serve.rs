@@ -30,7 +30,7 @@ pub fn command() -> Command {
                 .value_parser(value_parser!(u16))
                 .help("port to bind (default 8080; 0: any free port)"),
         )
-        .arg(num("max-batch", "most texts per model call (default 16)"))
+        .arg(num("max-batch", "most texts per model call and generations decoded together (default 16)"))
         .arg(num("max-wait-ms", "longest wait for a batch to fill (default 5)"))
         .arg(num("queue", "requests that may wait before answers are 503 (default 256)"))
         .arg(num("body-limit", "largest request body in bytes, 413 above (default 1 MiB)"))
@@ -42,7 +42,7 @@ pub fn command() -> Command {
             Arg::new("no-batching")
                 .long("no-batching")
                 .action(ArgAction::SetTrue)
-                .help("run each request alone (no dynamic batching)"),
+                .help("run each request alone, one generation at a time (no batching)"),
         )
         .arg(
             Arg::new("quiet")
