@@ -89,7 +89,7 @@ drive() { # path, body, requests, concurrency
 import json, sys
 r = json.load(sys.stdin)
 s, p = r["summary"], r["latencyPercentiles"]
-print("%.1f %.1f %.1f %.3f" % (s["requestsPerSec"], p["p50"] * 1e3, p["p99"] * 1e3, s["successRate"]))'
+print("%.2f %.1f %.1f %.3f" % (s["requestsPerSec"], p["p50"] * 1e3, p["p99"] * 1e3, s["successRate"]))'
 }
 
 # The server's count of generated tokens (Prometheus counter).
