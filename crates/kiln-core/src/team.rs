@@ -107,7 +107,7 @@ fn helper_loop(shared: Arc<Shared>, index: usize) {
             }
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
-            if spins % 256 == 0 && idle_since.elapsed() > SPIN {
+            if spins.is_multiple_of(256) && idle_since.elapsed() > SPIN {
                 break;
             }
         }

@@ -702,7 +702,7 @@ mod avx2 {
             let dxx = _mm256_set_m128(dx, dx);
             off = _mm_fmadd_ps(w.c[b], _mm_set1_ps(*x.dsum.get_unchecked(b)), off);
             let xq = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
-            for r in 0..4 {
+            for (r, acc) in acc.iter_mut().enumerate() {
                 let u = *w.u.get_unchecked(4 * b + r);
                 let prod = if ty == QType::Q8_0 {
                     _mm256_maddubs_epi16(u, _mm256_sign_epi8(xq, *w.signs.get_unchecked(4 * b + r)))
@@ -710,7 +710,7 @@ mod avx2 {
                     _mm256_maddubs_epi16(u, xq)
                 };
                 let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, _mm256_set1_epi16(1)));
-                acc[r] = _mm256_fmadd_ps(lane(dxx, r), s, acc[r]);
+                *acc = _mm256_fmadd_ps(lane(dxx, r), s, *acc);
             }
         }
         let mut o = [0f32; 4];
