@@ -456,25 +456,25 @@ impl Running {
                 while !text.is_char_boundary(end) {
                     end -= 1;
                 }
-                if end > self.sent && text.is_char_boundary(self.sent) {
-                    let _ = self
-                        .events
-                        .send(GenEvent::Text(text[self.sent..end].to_string()));
-                    self.sent = end;
-                }
+                self.send_until(&text, end);
                 return None;
             }
         };
-        let end = stopped_at.unwrap_or(text.len());
-        if end > self.sent && text.is_char_boundary(self.sent) && text.is_char_boundary(end) {
-            let _ = self
-                .events
-                .send(GenEvent::Text(text[self.sent..end].to_string()));
-        }
+        self.send_until(&text, stopped_at.unwrap_or(text.len()));
         Some(GenEvent::Done {
             finish_reason,
             completion_tokens: self.tokens.len(),
         })
+    }
+
+    /// Sends `text` from what was sent so far up to byte `end`.
+    fn send_until(&mut self, text: &str, end: usize) {
+        if end > self.sent && text.is_char_boundary(self.sent) && text.is_char_boundary(end) {
+            let _ = self
+                .events
+                .send(GenEvent::Text(text[self.sent..end].to_string()));
+            self.sent = end;
+        }
     }
 }
 
