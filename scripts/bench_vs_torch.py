@@ -218,15 +218,31 @@ def minilm_dir():
     return d
 
 
-def run_measured(cmd, **kw):
-    """Runs cmd; returns (stdout, peak RSS in bytes of that process) via wait4's rusage."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, **kw)
-    out = p.stdout.read()
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        sys.exit(f"bench_vs_torch: {' '.join(map(str, cmd))} failed with {p.returncode}")
-    return out, usage.ru_maxrss * 1024
+# Starts a command and writes "exit-code peak-RSS-KiB" of it (wait4's rusage) to argv[1]. It
+# runs in a small process of its own: Linux carries a parent's peak RSS at fork into the child's
+# ru_maxrss, so a command forked straight from this script (which has imported torch, ~500 MB)
+# could never report less than that.
+MEASURE = """
+import os, subprocess, sys
+p = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(p.pid, 0)
+code = os.waitstatus_to_exitcode(status)
+open(sys.argv[1], "w").write(f"{code} {usage.ru_maxrss}")
+sys.exit(code)
+"""
+
+
+def run_measured(cmd, env=None, cwd=ROOT):
+    """Runs cmd; returns (stdout, peak RSS in bytes of that process)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("r") as report:
+        p = subprocess.run([sys.executable, "-S", "-c", MEASURE, report.name, *map(str, cmd)],
+                           stdout=subprocess.PIPE, text=True, env=env, cwd=cwd)
+        code, rss_kib = (int(v) for v in report.read().split())
+    if code != 0 or p.returncode != 0:
+        sys.exit(f"bench_vs_torch: {' '.join(map(str, cmd))} failed with {code}")
+    return p.stdout, rss_kib * 1024
 
 
 def last_json(out):
@@ -490,16 +506,9 @@ def llm_run_measured(cmd, threads, env=None):
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                KILN_NUM_THREADS=str(threads))
     print("bench_vs_torch: " + " ".join(map(str, cmd)), file=sys.stderr)
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench_vs_torch: {cmd[0]} failed ({proc.returncode})")
-    lines = [line for line in out.splitlines() if line.strip().startswith("{")]
-    res = json.loads(lines[-1])
-    res["peak_rss_mib"] = usage.ru_maxrss / 1024  # Linux reports KiB
+    out, rss = run_measured(cmd, env=env)
+    res = last_json(out)
+    res["peak_rss_mib"] = rss / 1048576
     return res
 
 
