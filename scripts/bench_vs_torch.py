@@ -19,7 +19,8 @@ Usage: scripts/bench_vs_torch.py [--suite core|bert] [--reps N] [--rounds R] [--
 eval-mode forward under no_grad for [32, 128] (sentences/s) and [1, 16] (latency), and one
 train-mode fine-tuning step [16, 128] (cross-entropy, backward, AdamW lr 2e-5, zero_grad), in
 full and with LoRA (r 8, alpha 16 on query/value, classifier trained; peft on the PyTorch side). Each
-workload of each side runs in its own process, whose peak RSS (ru_maxrss from wait4) is reported.
+workload of each side runs in its own process, whose peak RSS (ru_maxrss from wait4, taken by
+a small launcher process) is reported.
 
        scripts/bench_vs_torch.py --suite llm [--threads 1,2] [--prompt-tokens 128]
                                  [--new-tokens 64] [--llm-reps 3] [--quick] [--json FILE]
@@ -492,7 +493,8 @@ def ensure_llama_cpp():
           file=sys.stderr)
     if not python.exists():
         subprocess.check_call([sys.executable, "-m", "venv", str(LLAMA_VENV)])
-    env = dict(os.environ, CMAKE_ARGS=LLAMA_CMAKE_ARGS, CMAKE_BUILD_PARALLEL_LEVEL="1")
+    env = dict(os.environ, CMAKE_ARGS=LLAMA_CMAKE_ARGS,
+               CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 1))
     subprocess.check_call(["nice", "-n", "19", str(python), "-m", "pip", "install",
                            "--no-cache-dir", "llama-cpp-python", "numpy"],
                           env=env, stdout=sys.stderr)
