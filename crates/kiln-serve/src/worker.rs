@@ -137,6 +137,14 @@ fn internal(what: &str, payload: &(dyn std::any::Any + Send)) -> ApiError {
     )
 }
 
+/// The 500 for a generation call that returned an error.
+fn generation_failed(e: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("generation failed: {e}"),
+    )
+}
+
 struct Worker {
     backend: Box<dyn Backend>,
     info: Arc<ModelInfo>,
@@ -347,10 +355,7 @@ impl Worker {
                     sent: 0,
                 })
             }
-            Ok(Err(e)) => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("generation failed: {e}"),
-            ),
+            Ok(Err(e)) => generation_failed(&e),
             Err(p) => {
                 self.metrics.panicked();
                 internal("generating", p.as_ref())
@@ -404,10 +409,7 @@ impl Worker {
                     ids.len()
                 ),
             ),
-            Ok(Err(e)) => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("generation failed: {e}"),
-            ),
+            Ok(Err(e)) => generation_failed(&e),
             Err(p) => {
                 self.metrics.panicked();
                 internal("generating", p.as_ref())

@@ -616,12 +616,7 @@ mod avx2 {
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut off = _mm_setzero_ps();
         for b in 0..blocks {
-            let p = [
-                w[0].as_ptr().add(b * bb),
-                w[1].as_ptr().add(b * bb),
-                w[2].as_ptr().add(b * bb),
-                w[3].as_ptr().add(b * bb),
-            ];
+            let p = w.map(|r| r.as_ptr().add(b * bb));
             let (d, c) = params4(ty, p);
             let dx = _mm_mul_ps(d, _mm_set1_ps(*x.d.get_unchecked(b)));
             let dxx = _mm256_set_m128(dx, dx);
@@ -668,12 +663,7 @@ mod avx2 {
         into.d.clear();
         into.c.clear();
         for b in 0..blocks {
-            let p = [
-                w[0].as_ptr().add(b * bb),
-                w[1].as_ptr().add(b * bb),
-                w[2].as_ptr().add(b * bb),
-                w[3].as_ptr().add(b * bb),
-            ];
+            let p = w.map(|r| r.as_ptr().add(b * bb));
             let (d, c) = params4(ty, p);
             into.d.push(d);
             into.c.push(c);
@@ -734,12 +724,7 @@ mod avx2 {
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut off = _mm_setzero_ps();
         for b in 0..blocks {
-            let p = [
-                w[0].as_ptr().add(b * bb),
-                w[1].as_ptr().add(b * bb),
-                w[2].as_ptr().add(b * bb),
-                w[3].as_ptr().add(b * bb),
-            ];
+            let p = w.map(|r| r.as_ptr().add(b * bb));
             let (d, c) = params4(ty, p);
             let dd = _mm256_set_m128(d, d);
             off = _mm_fmadd_ps(c, _mm_set1_ps(*xsum.get_unchecked(b)), off);
