@@ -10,11 +10,12 @@
 use crate::alloc::Buffer;
 use crate::autograd::GradFn;
 use crate::dispatch_float;
-use crate::dtype::{Element, Float};
+use crate::dtype::{DType, Element, Float};
 use crate::layout::Layout;
 use crate::parallel::{num_threads, PARALLEL_THRESHOLD};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
+use crate::vmath::{isa, Isa};
 use std::sync::Arc;
 
 /// Elements per independently seeded block of the mask (a multiple of 64).
@@ -33,6 +34,11 @@ fn mix64(mut z: u64) -> u64 {
 /// The keep mask of `n` elements: bit `i % 64` of word `i / 64` is set when element `i` is
 /// kept, which happens when its 32-bit uniform draw is below `threshold` (of 2^32).
 fn draw_mask(n: usize, threshold: u64, seed: u64) -> Buffer<u64> {
+    draw_mask_on(isa(), n, threshold, seed)
+}
+
+/// [`draw_mask`] on path `path` (every path gives the same bits).
+fn draw_mask_on(path: Isa, n: usize, threshold: u64, seed: u64) -> Buffer<u64> {
     let mut bits = Buffer::<u64>::uninit(n.div_ceil(64));
     let fill_block = |b: usize, words: &mut [u64]| {
         // Independent generators for consecutive words, kept in separate locals (registers)
@@ -40,6 +46,12 @@ fn draw_mask(n: usize, threshold: u64, seed: u64) -> Buffer<u64> {
         let lane =
             |l: usize| Rng::new(seed ^ mix64(((b * LANES + l) as u64) ^ 0xD1B5_4A32_D192_ED03));
         let (mut r0, mut r1, mut r2, mut r3) = (lane(0), lane(1), lane(2), lane(3));
+        #[cfg(target_arch = "x86_64")]
+        if threshold < 1 << 32 && path >= Isa::Avx2 && path.is_available() {
+            // SAFETY: AVX2 is available (checked just above).
+            unsafe { x86::fill_words_avx2([r0, r1, r2, r3], threshold as u32, words) };
+            return;
+        }
         let bits_of = |v: u64, k: u32| {
             let lo = ((v & 0xFFFF_FFFF) < threshold) as u64;
             let hi = ((v >> 32) < threshold) as u64;
@@ -72,6 +84,34 @@ fn draw_mask(n: usize, threshold: u64, seed: u64) -> Buffer<u64> {
 /// `out[i] = x[i] * m[i]` with `m[i]` = `scale` where the mask keeps element `i`, else 0
 /// (`x` contiguous): eight multipliers at a time from a table indexed by a byte of the mask.
 fn apply_mask<T: Float>(x: &[T], bits: &[u64], scale: T, out: &mut [T]) {
+    apply_mask_on(isa(), x, bits, scale, out)
+}
+
+/// [`apply_mask`] on path `path` (every path gives the same values).
+fn apply_mask_on<T: Float>(path: Isa, x: &[T], bits: &[u64], scale: T, out: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if T::DTYPE == DType::F32 && path == Isa::Avx512 && path.is_available() {
+        let (x, out, scale) = (
+            // SAFETY: `T` is f32 (checked just above).
+            unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) },
+            unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, out.len()) },
+            scale.to_f64() as f32,
+        );
+        let run = |w0: usize, x: &[f32], out: &mut [f32]| {
+            // SAFETY: AVX-512F is available (checked above).
+            unsafe { x86::apply_mask_avx512(x, &bits[w0..], scale, out) }
+        };
+        if x.len() >= PARALLEL_THRESHOLD && num_threads() > 1 {
+            use rayon::prelude::*;
+            out.par_chunks_mut(BLOCK)
+                .zip(x.par_chunks(BLOCK))
+                .enumerate()
+                .for_each(|(b, (o, x))| run(b * WORDS_PER_BLOCK, x, o));
+        } else {
+            run(0, x, out);
+        }
+        return;
+    }
     let zero = <T as num_traits::Zero>::zero();
     let table: [[T; 8]; 256] = std::array::from_fn(|byte| {
         std::array::from_fn(|k| if (byte >> k) & 1 != 0 { scale } else { zero })
@@ -101,6 +141,95 @@ fn apply_mask<T: Float>(x: &[T], bits: &[u64], scale: T, out: &mut [T]) {
             .for_each(|(b, (o, x))| run(b * WORDS_PER_BLOCK, x, o));
     } else {
         run(0, x, out);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use crate::rng::Rng;
+    use std::arch::x86_64::*;
+
+    /// `x << N | x >> (64 - N)` in each 64-bit lane.
+    #[inline(always)]
+    fn rotl<const N: i32, const M: i32>(x: __m256i) -> __m256i {
+        // SAFETY (the intrinsics): only called from `fill_words_avx2`, which enables AVX2.
+        unsafe { _mm256_or_si256(_mm256_slli_epi64::<N>(x), _mm256_srli_epi64::<M>(x)) }
+    }
+
+    /// [`super::draw_mask`]'s words for one block, with its four xoshiro256++ generators
+    /// stepped side by side in the four 64-bit lanes of AVX2 registers: the same bits as the
+    /// scalar loop (word `w` from generator `w % 4`; a threshold below 2^32).
+    ///
+    /// # Safety
+    /// AVX2 must be available.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn fill_words_avx2(lanes: [Rng; 4], threshold: u32, words: &mut [u64]) {
+        let states = lanes.map(|r| r.state());
+        let state = |i: usize| {
+            _mm256_setr_epi64x(
+                states[0][i] as i64,
+                states[1][i] as i64,
+                states[2][i] as i64,
+                states[3][i] as i64,
+            )
+        };
+        let (mut s0, mut s1, mut s2, mut s3) = (state(0), state(1), state(2), state(3));
+        // Unsigned `v < threshold` on 32-bit halves, as a signed compare with the sign bits
+        // flipped.
+        let flip = _mm256_set1_epi32(i32::MIN);
+        let limit = _mm256_set1_epi32((threshold ^ 0x8000_0000) as i32);
+        let (one, two) = (_mm256_set1_epi64x(1), _mm256_set1_epi64x(2));
+        for group in words.chunks_mut(4) {
+            let mut acc = _mm256_setzero_si256();
+            for k in 0..32 {
+                let v = _mm256_add_epi64(rotl::<23, 41>(_mm256_add_epi64(s0, s3)), s0);
+                let t = _mm256_slli_epi64::<17>(s1);
+                s2 = _mm256_xor_si256(s2, s0);
+                s3 = _mm256_xor_si256(s3, s1);
+                s1 = _mm256_xor_si256(s1, s2);
+                s0 = _mm256_xor_si256(s0, s3);
+                s2 = _mm256_xor_si256(s2, t);
+                s3 = rotl::<45, 19>(s3);
+                // All-ones 32-bit halves where kept: bit 0 of a lane from its low half, bit 1
+                // from its high half.
+                let keep = _mm256_cmpgt_epi32(limit, _mm256_xor_si256(v, flip));
+                let pair = _mm256_or_si256(
+                    _mm256_and_si256(keep, one),
+                    _mm256_and_si256(_mm256_srli_epi64::<31>(keep), two),
+                );
+                acc = _mm256_or_si256(acc, _mm256_sll_epi64(pair, _mm_cvtsi32_si128(2 * k)));
+            }
+            let mut out = [0u64; 4];
+            // SAFETY: `out` holds four u64.
+            unsafe { _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, acc) };
+            group.copy_from_slice(&out[..group.len()]);
+        }
+    }
+
+    /// [`super::apply_mask`] for f32: sixteen elements per 16-bit piece of the mask, each
+    /// multiplied by `scale` or 0 (so that a dropped inf or NaN gives NaN, as on every path).
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `bits` covers `x`, and `out` is as long as `x`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn apply_mask_avx512(x: &[f32], bits: &[u64], scale: f32, out: &mut [f32]) {
+        let scale_v = _mm512_set1_ps(scale);
+        let full = x.len() / 16;
+        for i in 0..full {
+            let m = (bits[i / 4] >> (16 * (i % 4))) as __mmask16;
+            // SAFETY: elements 16·i .. 16·i + 16 are inside `x` and `out`.
+            unsafe {
+                let v = _mm512_loadu_ps(x.as_ptr().add(16 * i));
+                _mm512_storeu_ps(
+                    out.as_mut_ptr().add(16 * i),
+                    _mm512_mul_ps(v, _mm512_maskz_mov_ps(m, scale_v)),
+                );
+            }
+        }
+        for i in 16 * full..x.len() {
+            let keep = (bits[i / 64] >> (i % 64)) & 1 != 0;
+            out[i] = x[i] * if keep { scale } else { 0.0 };
+        }
     }
 }
 
@@ -191,6 +320,34 @@ impl Tensor {
 mod tests {
     use crate::gradcheck::{gradcheck, randn_f64};
     use crate::{Rng, Tensor};
+
+    #[test]
+    fn every_path_draws_and_applies_the_same_mask() {
+        use super::{apply_mask_on, draw_mask_on};
+        use crate::vmath::{available_isas, Isa};
+        // Partial blocks and partial groups of four words; thresholds for p = 0.1, 0.5, ~1.
+        for n in [1, 63, 64, 200, 16_384 + 4 * 64 + 70, 3 * 16_384] {
+            for threshold in [3_865_470_566u64, 1 << 31, 1, (1 << 32) - 1] {
+                let scalar = draw_mask_on(Isa::Scalar, n, threshold, 42);
+                let mut x: Vec<f32> = (0..n).map(|i| i as f32 - 7.5).collect();
+                x[n / 2] = f32::INFINITY;
+                let mut want = vec![0f32; n];
+                apply_mask_on(Isa::Scalar, &x, &scalar, 1.25, &mut want);
+                for path in available_isas() {
+                    let bits = draw_mask_on(path, n, threshold, 42);
+                    assert_eq!(
+                        &bits[..],
+                        &scalar[..],
+                        "{path:?} n={n} threshold={threshold}"
+                    );
+                    let mut got = vec![1f32; n];
+                    apply_mask_on(path, &x, &bits, 1.25, &mut got);
+                    let bits_of = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits_of(&got), bits_of(&want), "{path:?} n={n}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn keeps_about_one_minus_p_and_scales_kept_values() {
