@@ -5,7 +5,9 @@
 //! from its own four generators (taking turns by word, so their updates overlap) seeded from
 //! one draw of the caller's [`Rng`] and the block number: the mask depends only on the seed —
 //! not on the thread count or machine — while blocks are drawn in parallel. Each `u64` draw
-//! yields two 32-bit uniforms.
+//! yields two 32-bit uniforms. With AVX2 the four generators step side by side in the lanes of
+//! one register, and with AVX-512 an f32 mask is applied sixteen elements per multiply; both
+//! give the same bits as the scalar loops (tested).
 
 use crate::alloc::Buffer;
 use crate::autograd::GradFn;
