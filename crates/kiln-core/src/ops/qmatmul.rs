@@ -411,8 +411,15 @@ fn quantize_row_q8(x: &[f32]) -> Q8Row {
 fn dot_row_q8(ty: QType, w: &[u8], x: &Q8Row) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if simd_ok() {
-        // SAFETY: AVX2, FMA and F16C are available (checked by `simd_ok`).
-        return unsafe { avx2::dot_row_q8(ty, w, x) };
+        // SAFETY: AVX2, FMA and F16C are available (checked by `simd_ok`), and the VNNI
+        // features when `vnni_ok` says so.
+        return unsafe {
+            if vnni_ok() {
+                avx2::dot_row_q8_vnni(ty, w, x)
+            } else {
+                avx2::dot_row_q8(ty, w, x)
+            }
+        };
     }
     let bb = ty.block_bytes();
     let mut acc = 0f32;
@@ -483,19 +490,68 @@ mod avx2 {
         _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
     }
 
+    /// The integer step of the 8-bit dot products: eight i32 lanes, each the sum of four
+    /// products of unsigned bytes `u` with signed bytes `s`. The two implementations give the
+    /// same integers (no pair of products here reaches maddubs' i16 saturation: at most
+    /// 2·128·127 for `Q8_0` with the sign moved onto the activations, 2·15·127 for 4-bit
+    /// quants), so every kernel gives the same bits on either.
+    pub(super) trait IntDot {
+        /// `Σ_{t<4} u[4i+t]·s[4i+t]` in lane `i`.
+        unsafe fn sums(u: __m256i, s: __m256i) -> __m256i;
+    }
+
+    /// AVX2: `maddubs` (pairs to i16) then `madd` (pairs of pairs to i32).
+    pub(super) struct Madd;
+
+    impl IntDot for Madd {
+        #[inline(always)]
+        unsafe fn sums(u: __m256i, s: __m256i) -> __m256i {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+        }
+    }
+
+    /// AVX-512 VNNI (256-bit form): one `vpdpbusd`.
+    pub(super) struct Vnni;
+
+    impl IntDot for Vnni {
+        #[inline(always)]
+        unsafe fn sums(u: __m256i, s: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+        }
+    }
+
     /// The eight i32 partial sums of one block's integer dot product (weight quants at `q`,
     /// activation quants `xq`), as f32.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn block_dot_q8(ty: QType, q: *const u8, xq: __m256i) -> __m256 {
-        // maddubs multiplies unsigned by signed bytes: make the weight side non-negative.
-        let prod = if ty == QType::Q8_0 {
+    #[inline(always)]
+    unsafe fn block_dot_q8<D: IntDot>(ty: QType, q: *const u8, xq: __m256i) -> __m256 {
+        // The unsigned side must be the weights: for Q8_0 their magnitudes, with their signs
+        // moved onto the activations.
+        let sums = if ty == QType::Q8_0 {
             let wq = _mm256_loadu_si256(q as *const __m256i);
-            _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq))
+            D::sums(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq))
         } else {
-            _mm256_maddubs_epi16(nibbles(q), xq)
+            D::sums(nibbles(q), xq)
         };
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, _mm256_set1_epi16(1)))
+        _mm256_cvtepi32_ps(sums)
+    }
+
+    /// Wraps a kernel body generic over [`IntDot`] into an AVX2 function and an AVX-512 VNNI
+    /// one (the body is inlined into each, so each is compiled for its own features).
+    macro_rules! int_dot_variants {
+        ($(#[$doc:meta])* $name:ident, $vnni:ident, $body:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+            $(#[$doc])*
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub(super) unsafe fn $name($($arg: $ty),*) -> $ret {
+                $body::<Madd>($($arg),*)
+            }
+
+            /// As the AVX2 function of the same name without `_vnni`, with the integer step
+            /// on AVX-512 VNNI (the same results).
+            #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+            pub(super) unsafe fn $vnni($($arg: $ty),*) -> $ret {
+                $body::<Vnni>($($arg),*)
+            }
+        };
     }
 
     /// `Σ q·x` over one block with f32 activations at `xp` (the weight quants at `q`).
@@ -545,8 +601,13 @@ mod avx2 {
         hsum(acc) + offset_term
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_row_q8(ty: QType, w: &[u8], x: &Q8Row) -> f32 {
+    int_dot_variants!(
+        /// `Σ_j w[j]·x[j]` over one row, both sides quantised.
+        dot_row_q8, dot_row_q8_vnni, dot_row_q8_with, (ty: QType, w: &[u8], x: &Q8Row) -> f32
+    );
+
+    #[inline(always)]
+    unsafe fn dot_row_q8_with<D: IntDot>(ty: QType, w: &[u8], x: &Q8Row) -> f32 {
         let bb = ty.block_bytes();
         let blocks = w.len() / bb;
         assert!(x.q.len() >= blocks * QK && x.d.len() >= blocks && x.dsum.len() >= blocks);
@@ -556,7 +617,7 @@ mod avx2 {
             let blk = w.as_ptr().add(b * bb);
             let (d, c, at) = params(ty, blk);
             let xq = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
-            let sums = block_dot_q8(ty, blk.add(at), xq);
+            let sums = block_dot_q8::<D>(ty, blk.add(at), xq);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[b]), sums, acc);
             offset_term += c * x.dsum[b];
         }
@@ -604,10 +665,14 @@ mod avx2 {
         }
     }
 
-    /// Four weight rows dotted with one 8-bit activation row (each activation block loaded
-    /// once for the four).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot4_q8(ty: QType, w: [&[u8]; 4], x: &Q8Row) -> [f32; 4] {
+    int_dot_variants!(
+        /// Four weight rows dotted with one 8-bit activation row (each activation block loaded
+        /// once for the four).
+        dot4_q8, dot4_q8_vnni, dot4_q8_with, (ty: QType, w: [&[u8]; 4], x: &Q8Row) -> [f32; 4]
+    );
+
+    #[inline(always)]
+    unsafe fn dot4_q8_with<D: IntDot>(ty: QType, w: [&[u8]; 4], x: &Q8Row) -> [f32; 4] {
         let bb = ty.block_bytes();
         let blocks = w[0].len() / bb;
         assert!(w.iter().all(|r| r.len() == blocks * bb));
@@ -623,7 +688,7 @@ mod avx2 {
             off = _mm_fmadd_ps(c, _mm_set1_ps(*x.dsum.get_unchecked(b)), off);
             let xq = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
             for r in 0..4 {
-                let s = block_dot_q8(ty, p[r].add(at), xq);
+                let s = block_dot_q8::<D>(ty, p[r].add(at), xq);
                 acc[r] = _mm256_fmadd_ps(lane(dxx, r), s, acc[r]);
             }
         }
@@ -679,10 +744,15 @@ mod avx2 {
         }
     }
 
-    /// [`dot4_q8`] on unpacked rows: the same operations in the same order, so the same
-    /// results, without unpacking the weights again for every activation row.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot4_unpacked_q8(ty: QType, w: &Unpacked4, x: &Q8Row) -> [f32; 4] {
+    int_dot_variants!(
+        /// [`dot4_q8`] on unpacked rows: the same operations in the same order, so the same
+        /// results, without unpacking the weights again for every activation row.
+        dot4_unpacked_q8, dot4_unpacked_q8_vnni, dot4_unpacked_q8_with,
+        (ty: QType, w: &Unpacked4, x: &Q8Row) -> [f32; 4]
+    );
+
+    #[inline(always)]
+    unsafe fn dot4_unpacked_q8_with<D: IntDot>(ty: QType, w: &Unpacked4, x: &Q8Row) -> [f32; 4] {
         let blocks = w.d.len();
         assert!(x.q.len() >= blocks * QK && x.d.len() >= blocks && x.dsum.len() >= blocks);
         let mut acc = [_mm256_setzero_ps(); 4];
@@ -694,12 +764,12 @@ mod avx2 {
             let xq = _mm256_loadu_si256(x.q.as_ptr().add(b * QK) as *const __m256i);
             for (r, acc) in acc.iter_mut().enumerate() {
                 let u = *w.u.get_unchecked(4 * b + r);
-                let prod = if ty == QType::Q8_0 {
-                    _mm256_maddubs_epi16(u, _mm256_sign_epi8(xq, *w.signs.get_unchecked(4 * b + r)))
+                let sums = if ty == QType::Q8_0 {
+                    D::sums(u, _mm256_sign_epi8(xq, *w.signs.get_unchecked(4 * b + r)))
                 } else {
-                    _mm256_maddubs_epi16(u, xq)
+                    D::sums(u, xq)
                 };
-                let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, _mm256_set1_epi16(1)));
+                let s = _mm256_cvtepi32_ps(sums);
                 *acc = _mm256_fmadd_ps(lane(dxx, r), s, *acc);
             }
         }
@@ -754,6 +824,27 @@ fn simd_ok() -> bool {
     isa() >= Isa::Avx2 && std::arch::is_x86_feature_detected!("f16c")
 }
 
+/// Whether the 8-bit kernels can take their integer step on AVX-512 VNNI: on the AVX-512 path
+/// of [`isa`] (so `KILN_VMATH_ISA=avx2` turns it off) with VNNI and VL detected.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn vnni_ok() -> bool {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    static VNNI: AtomicU8 = AtomicU8::new(0);
+    match VNNI.load(Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            let ok = simd_ok()
+                && isa() == Isa::Avx512
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+                && std::arch::is_x86_feature_detected!("avx512vl");
+            VNNI.store(1 + ok as u8, Ordering::Relaxed);
+            ok
+        }
+    }
+}
+
 /// One activation row, prepared once for any number of weight rows.
 enum Prepared<'a> {
     /// f32 values and their per-block sums.
@@ -779,6 +870,7 @@ fn dot_rows(w: &QMatrix, first: usize, xs: &[Prepared], out: &mut [f32]) {
     let mut j = 0;
     #[cfg(target_arch = "x86_64")]
     if simd_ok() {
+        let vnni = vnni_ok();
         let q8: Vec<&Q8Row> = xs
             .iter()
             .filter_map(|x| match x {
@@ -796,7 +888,13 @@ fn dot_rows(w: &QMatrix, first: usize, xs: &[Prepared], out: &mut [f32]) {
                 unsafe { avx2::unpack4(ty, four, &mut unpacked) };
                 for (i, x) in q8.iter().enumerate() {
                     // SAFETY: as above.
-                    let v = unsafe { avx2::dot4_unpacked_q8(ty, &unpacked, x) };
+                    let v = unsafe {
+                        if vnni {
+                            avx2::dot4_unpacked_q8_vnni(ty, &unpacked, x)
+                        } else {
+                            avx2::dot4_unpacked_q8(ty, &unpacked, x)
+                        }
+                    };
                     for (t, v) in v.into_iter().enumerate() {
                         out[(j + t) * m + i] = v;
                     }
@@ -812,6 +910,7 @@ fn dot_rows(w: &QMatrix, first: usize, xs: &[Prepared], out: &mut [f32]) {
                 let v = unsafe {
                     match x {
                         Prepared::F32 { x, xsum } => avx2::dot4_f32(ty, four, x, xsum),
+                        Prepared::Q8(q) if vnni => avx2::dot4_q8_vnni(ty, four, q),
                         Prepared::Q8(q) => avx2::dot4_q8(ty, four, q),
                     }
                 };
@@ -1377,6 +1476,53 @@ mod tests {
             }
         }
         parallel::set_num_threads(0);
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn vnni_and_avx2_integer_steps_give_the_same_bits() {
+        if !vnni_ok() {
+            eprintln!("skipped: no AVX-512 VNNI on this CPU");
+            return;
+        }
+        // Extreme quants: a block whose values all round to ±127 (Q8_0 weights of -128 after
+        // the sign trick's magnitude, 4-bit quants of 15) against activations at ±127.
+        let mut wv = Tensor::randn([8, 256], 31).to_vec::<f32>();
+        for (i, v) in wv[..64].iter_mut().enumerate() {
+            *v = if i % 3 == 0 { -1.0 } else { 1.0 };
+        }
+        let mut xv = Tensor::randn([1, 256], 32).to_vec::<f32>();
+        for (i, v) in xv[..32].iter_mut().enumerate() {
+            *v = if i % 2 == 0 { -4.0 } else { 4.0 };
+        }
+        let x = quantize_row_q8(&xv);
+        for ty in TYPES {
+            let w = QMatrix::quantize(ty, &Tensor::from_vec(wv.clone(), [8, 256]));
+            let rb = w.row_bytes();
+            let r = &w.bytes()[..4 * rb];
+            let four = [&r[..rb], &r[rb..2 * rb], &r[2 * rb..3 * rb], &r[3 * rb..]];
+            // SAFETY: AVX2, FMA, F16C and the VNNI features are available (`vnni_ok`).
+            unsafe {
+                assert_eq!(
+                    avx2::dot_row_q8(ty, four[0], &x).to_bits(),
+                    avx2::dot_row_q8_vnni(ty, four[0], &x).to_bits(),
+                    "{ty} one row"
+                );
+                let bits = |v: [f32; 4]| v.map(f32::to_bits);
+                assert_eq!(
+                    bits(avx2::dot4_q8(ty, four, &x)),
+                    bits(avx2::dot4_q8_vnni(ty, four, &x)),
+                    "{ty} four rows"
+                );
+                let mut unpacked = avx2::Unpacked4::default();
+                avx2::unpack4(ty, four, &mut unpacked);
+                assert_eq!(
+                    bits(avx2::dot4_unpacked_q8(ty, &unpacked, &x)),
+                    bits(avx2::dot4_unpacked_q8_vnni(ty, &unpacked, &x)),
+                    "{ty} four unpacked rows"
+                );
+            }
+        }
     }
 
     #[test]
