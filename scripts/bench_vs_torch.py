@@ -242,7 +242,11 @@ def run_measured(cmd, env=None, cwd=ROOT):
                            stdout=subprocess.PIPE, text=True, env=env, cwd=cwd)
         code, rss_kib = (int(v) for v in report.read().split())
     if code != 0 or p.returncode != 0:
-        sys.exit(f"bench_vs_torch: {' '.join(map(str, cmd))} failed with {code}")
+        hint = ""
+        if code == -4:
+            hint = (" (SIGILL: an instruction this CPU does not run; for llama.cpp see"
+                    " KILN_LLAMA_CMAKE_ARGS in this script)")
+        sys.exit(f"bench_vs_torch: {' '.join(map(str, cmd))} failed with {code}{hint}")
     return p.stdout, rss_kib * 1024
 
 
@@ -466,7 +470,12 @@ def table(kiln, torch_res, peak_per_core):
 
 LLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_VENV = ROOT / ".venv-llama"
-LLAMA_CMAKE_ARGS = "-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF"
+# $KILN_LLAMA_CMAKE_ARGS replaces these. On a VM whose CPU reports AMX, GGML_NATIVE builds AMX
+# code that died with SIGILL (2026-11-30); there, build without it, e.g. "-DGGML_NATIVE=OFF
+# -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON"
+# (and remove .venv-llama/ to rebuild).
+LLAMA_CMAKE_ARGS = os.environ.get(
+    "KILN_LLAMA_CMAKE_ARGS", "-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF")
 
 
 def llm_prompt_ids(n):
