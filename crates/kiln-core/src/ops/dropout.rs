@@ -103,15 +103,7 @@ fn apply_mask_on<T: Float>(path: Isa, x: &[T], bits: &[u64], scale: T, out: &mut
             // SAFETY: AVX-512F is available (checked above).
             unsafe { x86::apply_mask_avx512(x, &bits[w0..], scale, out) }
         };
-        if x.len() >= PARALLEL_THRESHOLD && num_threads() > 1 {
-            use rayon::prelude::*;
-            out.par_chunks_mut(BLOCK)
-                .zip(x.par_chunks(BLOCK))
-                .enumerate()
-                .for_each(|(b, (o, x))| run(b * WORDS_PER_BLOCK, x, o));
-        } else {
-            run(0, x, out);
-        }
+        by_blocks(x, out, run);
         return;
     }
     let zero = <T as num_traits::Zero>::zero();
@@ -135,6 +127,12 @@ fn apply_mask_on<T: Float>(path: Isa, x: &[T], bits: &[u64], scale: T, out: &mut
             }
         }
     };
+    by_blocks(x, out, run);
+}
+
+/// Runs `run(first_word, x_part, out_part)` over `x` and `out`: in parallel by mask blocks when
+/// `x` is large, else once over the whole.
+fn by_blocks<T: Send + Sync>(x: &[T], out: &mut [T], run: impl Fn(usize, &[T], &mut [T]) + Sync) {
     if x.len() >= PARALLEL_THRESHOLD && num_threads() > 1 {
         use rayon::prelude::*;
         out.par_chunks_mut(BLOCK)
