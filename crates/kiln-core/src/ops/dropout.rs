@@ -85,7 +85,7 @@ fn draw_mask_on(path: Isa, n: usize, threshold: u64, seed: u64) -> Buffer<u64> {
 
 /// `out[i] = x[i] * m[i]` with `m[i]` = `scale` where the mask keeps element `i`, else 0
 /// (`x` contiguous): eight multipliers at a time from a table indexed by a byte of the mask.
-fn apply_mask<T: Float>(x: &[T], bits: &[u64], scale: T, out: &mut [T]) {
+pub(crate) fn apply_mask<T: Float>(x: &[T], bits: &[u64], scale: T, out: &mut [T]) {
     apply_mask_on(isa(), x, bits, scale, out)
 }
 
@@ -255,6 +255,19 @@ fn masked(t: &Tensor, bits: &[u64], scale: f64, op: &str) -> crate::Storage {
     })
 }
 
+/// The keep mask of `n` elements for drop probability `p` (one draw of `rng`) and the scale
+/// of kept elements, `1 / (1 - p)` (0 when `p` is 1).
+pub(crate) fn keep_mask(n: usize, p: f64, rng: &mut Rng) -> (Buffer<u64>, f64) {
+    let seed = rng.next_u64();
+    if p == 1.0 {
+        (Buffer::filled(n.div_ceil(64), 0u64), 0.0)
+    } else {
+        // Keep when a uniform 32-bit draw is below (1 - p) * 2^32.
+        let threshold = ((1.0 - p) * 4_294_967_296.0).round() as u64;
+        (draw_mask(n, threshold, seed), 1.0 / (1.0 - p))
+    }
+}
+
 struct DropoutBackward {
     bits: Arc<Buffer<u64>>,
     scale: f64,
@@ -299,15 +312,7 @@ impl Tensor {
         if !train || p == 0.0 {
             return self.clone();
         }
-        let n = self.elem_count();
-        let seed = rng.next_u64();
-        let (bits, scale) = if p == 1.0 {
-            (Buffer::filled(n.div_ceil(64), 0u64), 0.0)
-        } else {
-            // Keep when a uniform 32-bit draw is below (1 - p) * 2^32.
-            let threshold = ((1.0 - p) * 4_294_967_296.0).round() as u64;
-            (draw_mask(n, threshold, seed), 1.0 / (1.0 - p))
-        };
+        let (bits, scale) = keep_mask(self.elem_count(), p, rng);
         let storage = masked(self, &bits, scale, "dropout");
         let bits = Arc::new(bits);
         Tensor::op_result(storage, self.shape().clone(), &[self], move || {

@@ -266,7 +266,7 @@ unsafe fn split_gemm<T: Element>(
 /// One call of gemm: `dst = a·b`, or `dst += a·b` when `accumulate`; `dst` rows are `dst_rs`
 /// apart.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_raw<T: Element>(
+pub(crate) unsafe fn gemm_raw<T: Element>(
     (m, n, k): (usize, usize, usize),
     (dst, dst_rs): (*mut T, usize),
     accumulate: bool,

@@ -1,5 +1,6 @@
 //! Differentiable ops, one family per file: forward kernel, backward rule and tests together.
 
+pub mod attention;
 pub mod binary;
 pub mod compare;
 pub mod concat;

@@ -68,7 +68,7 @@ pub(crate) fn sum_exp_shifted<T: ExpSlice>(src: &[T], shift: T) -> f64 {
 }
 
 /// Dot product with eight independent accumulators.
-fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+pub(crate) fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     let mut acc = [T::zero(); 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: T = ca

@@ -17,6 +17,7 @@
 
 use crate::layers::Linear;
 use crate::{init, Forward, Module, Param, RandomState, TrainFlag};
+use kiln_core::ops::attention::fused_attention;
 use kiln_core::{DType, Rng, Tensor};
 
 // ---------------------------------------------------------------------- functional core
@@ -89,6 +90,33 @@ fn attention_core(
         weights = weights.dropout(p, true, rng);
     }
     (weights.matmul(v), weights)
+}
+
+/// The output of [`attention_core`] alone: the fused kernel when it takes the inputs (all masks
+/// folded into one additive mask), else the composed ops.
+fn attention_output(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    masks: &[Mask],
+    is_causal: bool,
+    mut dropout: Option<(f64, &mut Rng)>,
+) -> Tensor {
+    let additive = masks
+        .iter()
+        .map(|m| match m {
+            Mask::Block(b) => {
+                Tensor::zeros_dtype(b.shape().clone(), q.dtype()).masked_fill(b, f64::NEG_INFINITY)
+            }
+            Mask::Add(a) => a.clone(),
+        })
+        .reduce(|a, b| a.add(&b));
+    let fused_dropout = dropout.as_mut().map(|(p, rng)| (*p, &mut **rng));
+    // A declined call draws nothing from the generator: the composed path below draws.
+    if let Some(out) = fused_attention(q, k, v, additive.as_ref(), is_causal, fused_dropout) {
+        return out;
+    }
+    attention_core(q, k, v, masks, is_causal, dropout).0
 }
 
 /// Checks `q [.., L, E]`, `k [.., S, E]`, `v [.., S, Ev]`; returns `(L, S)`.
@@ -172,7 +200,7 @@ pub fn scaled_dot_product_attention(
         masks.push(to_mask(m, false, q.dtype()));
     }
     let dropout = (train && dropout_p > 0.0).then_some((dropout_p, rng));
-    attention_core(q, k, v, &masks, is_causal, dropout).0
+    attention_output(q, k, v, &masks, is_causal, dropout)
 }
 
 // ---------------------------------------------------------------------- MultiheadAttention
@@ -583,19 +611,16 @@ impl MultiheadAttention {
         }
 
         let train = self.training.is_training() && self.dropout > 0.0;
-        let (out, weights) = if train {
-            let mut rng = self.rng.lock();
-            attention_core(
-                &q,
-                &k,
-                &v,
-                &masks,
-                opts.is_causal,
-                Some((self.dropout, &mut rng)),
-            )
+        let mut rng = self.rng.lock();
+        let dropout = train.then_some((self.dropout, &mut *rng));
+        let (out, weights) = if opts.need_weights {
+            let (out, weights) = attention_core(&q, &k, &v, &masks, opts.is_causal, dropout);
+            (out, Some(weights))
         } else {
-            attention_core(&q, &k, &v, &masks, opts.is_causal, None)
+            let out = attention_output(&q, &k, &v, &masks, opts.is_causal, dropout);
+            (out, None)
         };
+        drop(rng);
         // [N, H, L, D] -> input layout [.., E].
         let merged = if self.batch_first || !batched {
             out.permute(&[0, 2, 1, 3]).reshape([n, l, e])
@@ -606,7 +631,7 @@ impl MultiheadAttention {
         if !batched {
             y = y.squeeze(0);
         }
-        let weights = opts.need_weights.then(|| {
+        let weights = weights.map(|weights| {
             let w = if opts.average_attn_weights {
                 weights.mean(1, false)
             } else {
