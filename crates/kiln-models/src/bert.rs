@@ -3,7 +3,8 @@
 //! pooling + L2 normalisation, as sentence-transformers' all-MiniLM-L6-v2 computes them).
 //!
 //! Attention runs on whole `[B, heads, L, d]` batches through kiln-nn's
-//! [`scaled_dot_product_attention`] (no per-head loops); layer norms use kiln-nn's fused kernel.
+//! [`scaled_dot_product_attention`] (one fused kernel, head splits read in place); layer norms
+//! use kiln-nn's fused kernel.
 
 use crate::checkpoint::load_safetensors;
 use crate::config::{default_labels, labels_json, HfConfig};

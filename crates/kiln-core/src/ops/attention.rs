@@ -171,7 +171,8 @@ fn for_each_task<T: Float>(
 trait AttnFloat: Float + ExpSlice {}
 impl<T: Float + ExpSlice> AttnFloat for T {}
 
-/// `out[k] = p[k]` kept and scaled by the dropout bits of global elements `base..`.
+/// `out[k] = p[k] · scale` where the dropout bit of global element `base + k` keeps it, else
+/// `p[k] · 0` (as [`Tensor::dropout`]).
 fn drop_out<T: Float>(p: &[T], bits: &[u64], base: usize, scale: T, out: &mut [T]) {
     if base.is_multiple_of(64) {
         return apply_mask(p, &bits[base / 64..], scale, out);
@@ -179,7 +180,7 @@ fn drop_out<T: Float>(p: &[T], bits: &[u64], base: usize, scale: T, out: &mut [T
     for (k, (o, &x)) in out.iter_mut().zip(p).enumerate() {
         let i = base + k;
         let keep = (bits[i / 64] >> (i % 64)) & 1 != 0;
-        *o = if keep { x * scale } else { T::zero() };
+        *o = x * if keep { scale } else { T::zero() };
     }
 }
 
@@ -189,8 +190,8 @@ struct MaskRows<'a, T> {
     at: Operand,
 }
 
-/// The forward pass: writes `out` (through `o`) and, when given, the weights `probs`
-/// (`[count, l, s]`, contiguous).
+/// The forward pass: writes the output through `out` (laid out as its operand says) and, when
+/// given, the weights through `probs` (`[count, l, s]`, contiguous).
 #[allow(clippy::too_many_arguments)]
 fn forward<T: AttnFloat>(
     plan: &Plan,

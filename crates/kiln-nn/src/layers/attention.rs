@@ -14,6 +14,10 @@
 //! output is zero (PyTorch's `scaled_dot_product_attention` does the same; its
 //! `MultiheadAttention` with `need_weights=True` gives NaN there instead). No gradient flows
 //! through such a row.
+//!
+//! The output alone is computed by kiln-core's fused kernel
+//! ([`fused_attention`]: no scores tensor in memory, head-split views read in place); the
+//! composed ops serve the attention weights (`need_weights`) and the inputs the kernel declines.
 
 use crate::layers::Linear;
 use crate::{init, Forward, Module, Param, RandomState, TrainFlag};
