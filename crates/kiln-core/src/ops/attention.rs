@@ -33,9 +33,9 @@ const OP: &str = "scaled_dot_product_attention";
 
 /// Score elements per block of query rows (a block's scores, weights and dropped-out weights
 /// stay in the L2 cache).
-const BLOCK_ELEMS: usize = 1 << 14;
+const BLOCK_ELEMS: usize = 1 << 16;
 /// Fewest query rows per block, so the products stay efficient for long key sequences.
-const MIN_BLOCK_ROWS: usize = 16;
+const MIN_BLOCK_ROWS: usize = 64;
 
 /// Shapes and per-matrix offsets of one call.
 struct Plan {
@@ -741,8 +741,8 @@ mod tests {
             1e-12,
         );
 
-        // Several query blocks (16,384 / 256 = 64 rows each), key rows a multiple of 64.
-        let [q, k, v] = qkv(&[2], 150, 256, 8, 5, 11);
+        // Several query blocks (65,536 / 1,024 = 64 rows each), key rows a multiple of 64.
+        let [q, k, v] = qkv(&[2], 150, 1024, 8, 5, 11);
         let ins = (&q, &k, &v);
         check("blocks", ins, None, false, Some((0.1, 3)), 1e-12);
         check("blocks causal", ins, None, true, Some((0.1, 4)), 1e-12);
