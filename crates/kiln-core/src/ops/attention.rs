@@ -184,6 +184,23 @@ fn drop_out<T: Float>(p: &[T], bits: &[u64], base: usize, scale: T, out: &mut [T
     }
 }
 
+/// The weights `p` after dropout (written to `buf`), or `p` itself without dropout.
+fn dropped<'a, T: Float>(
+    p: &'a [T],
+    keep: Option<(&[u64], T)>,
+    base: usize,
+    buf: &'a mut [T],
+) -> &'a [T] {
+    match keep {
+        Some((bits, scale)) => {
+            let pd = &mut buf[..p.len()];
+            drop_out(p, bits, base, scale, pd);
+            pd
+        }
+        None => p,
+    }
+}
+
 /// The mask as the kernel reads it: row offsets of each batch matrix, row and column strides.
 struct MaskRows<'a, T> {
     data: &'a [T],
@@ -270,14 +287,7 @@ fn forward<T: AttnFloat>(
             let inv = T::one() / T::from_f64(sum);
             p_row[..valid].iter_mut().for_each(|w| *w *= inv);
         }
-        let pd: &[T] = match keep {
-            Some((bits, keep_scale)) => {
-                let pd = &mut rest[..rows * s];
-                drop_out(p, bits, base, keep_scale, pd);
-                pd
-            }
-            None => p,
-        };
+        let pd = dropped(p, keep, base, rest);
         // SAFETY: as above; block `b` of matrix `t` owns output rows `i0..i1`.
         unsafe {
             gemm_raw(
@@ -372,14 +382,7 @@ impl<T: AttnFloat> AttentionBackward<T> {
                         Parallelism::None,
                     );
                 }
-                let pd: &[T] = match keep {
-                    Some((bits, c)) => {
-                        let pd = &mut pd_buf[..rows * s];
-                        drop_out(p, bits, base, c, pd);
-                        pd
-                    }
-                    None => p,
-                };
+                let pd = dropped(p, keep, base, pd_buf);
                 if let Some(dv) = ptrs[2] {
                     let dvo = &opers[2];
                     unsafe {
