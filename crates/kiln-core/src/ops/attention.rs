@@ -34,7 +34,8 @@ const OP: &str = "scaled_dot_product_attention";
 /// Score elements per block of query rows (a block's scores, weights and dropped-out weights
 /// stay in the L2 cache).
 const BLOCK_ELEMS: usize = 1 << 16;
-/// Fewest query rows per block, so the products stay efficient for long key sequences.
+/// Fewest query rows per block: each block's products pack the keys again, so short blocks
+/// would pay that more often on long key sequences.
 const MIN_BLOCK_ROWS: usize = 64;
 
 /// Shapes and per-matrix offsets of one call.
