@@ -20,7 +20,7 @@ use crate::dispatch_float;
 use crate::dtype::{Element, Float};
 use crate::layout::Layout;
 use crate::ops::dropout::{apply_mask, keep_mask};
-use crate::ops::matmul::gemm_raw;
+use crate::ops::matmul::{batch_offset, gemm_raw};
 use crate::ops::reduce_extrema::extreme_slice;
 use crate::ops::softmax::{dot, exp_shifted, ExpSlice};
 use crate::parallel::{self, PARALLEL_THRESHOLD};
@@ -38,7 +38,7 @@ const BLOCK_ELEMS: usize = 1 << 16;
 /// would pay that more often on long key sequences.
 const MIN_BLOCK_ROWS: usize = 64;
 
-/// Shapes and per-matrix offsets of one call.
+/// Shapes, scale and masking of one call.
 struct Plan {
     /// Matrices (product of the batch dims).
     count: usize,
@@ -88,14 +88,7 @@ impl Operand {
         let r = layout.dims().len();
         let (dims, strides) = (&layout.dims()[..r - 2], &layout.strides()[..r - 2]);
         let offsets = (0..count)
-            .map(|mut t| {
-                let mut off = layout.offset();
-                for (&d, &st) in dims.iter().zip(strides).rev() {
-                    off += (t % d) * st;
-                    t /= d;
-                }
-                off
-            })
+            .map(|t| batch_offset(t, dims, strides, layout.offset()))
             .collect();
         Operand {
             offsets,
@@ -313,8 +306,8 @@ struct AttentionBackward<T: Copy> {
 }
 
 impl<T: AttnFloat> AttentionBackward<T> {
-    /// Gradients for `q`, `k`, `v` (each when `need[i]`) given the output gradient `g`.
-    fn grads(&self, inputs: &[Tensor], g: &Tensor, need: [bool; 3]) -> [Option<Tensor>; 3] {
+    /// Gradients for those of `q`, `k`, `v` that track gradients, given the output gradient `g`.
+    fn grads(&self, inputs: &[Tensor], g: &Tensor) -> Vec<Option<Tensor>> {
         let plan = &self.plan;
         let (l, s, e, ev) = (plan.l, plan.s, plan.e, plan.ev);
         let (q, k, v) = (&inputs[0], &inputs[1], &inputs[2]);
@@ -326,7 +319,7 @@ impl<T: AttnFloat> AttentionBackward<T> {
         // dq is written whole; dk and dv are sums over query blocks.
         let mut bufs: Vec<Option<Buffer<T>>> = (0..3)
             .map(|i| {
-                need[i].then(|| {
+                inputs[i].tracks_grad().then(|| {
                     let n = layouts[i].elem_count();
                     if i == 0 {
                         Buffer::uninit(n)
@@ -450,15 +443,10 @@ impl<T: AttnFloat> AttentionBackward<T> {
             }
         });
         drop(guards);
-        let mut out = bufs
-            .into_iter()
+        bufs.into_iter()
             .zip(layouts)
-            .map(|(b, lay)| b.map(|b| Tensor::from_storage(<T as Element>::into_storage(b), lay)));
-        [
-            out.next().unwrap(),
-            out.next().unwrap(),
-            out.next().unwrap(),
-        ]
+            .map(|(b, lay)| b.map(|b| Tensor::from_storage(<T as Element>::into_storage(b), lay)))
+            .collect()
     }
 }
 
@@ -502,8 +490,7 @@ impl<T: AttnFloat> GradFn for AttentionBackward<T> {
     }
 
     fn backward(&self, inputs: &[Tensor], _output: &Tensor, g: &Tensor) -> Vec<Option<Tensor>> {
-        let need = [0, 1, 2].map(|i| inputs[i].tracks_grad());
-        self.grads(inputs, g, need).into_iter().collect()
+        self.grads(inputs, g)
     }
 }
 

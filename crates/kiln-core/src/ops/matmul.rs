@@ -305,7 +305,7 @@ pub(crate) unsafe fn gemm_raw<T: Element>(
 
 /// Storage offset of batch `i` (row-major over `batch`) for an operand with `strides`.
 #[inline]
-fn batch_offset(mut i: usize, batch: &[usize], strides: &[usize], base: usize) -> usize {
+pub(crate) fn batch_offset(mut i: usize, batch: &[usize], strides: &[usize], base: usize) -> usize {
     let mut off = base;
     for (&d, &s) in batch.iter().zip(strides).rev() {
         off += (i % d) * s;
