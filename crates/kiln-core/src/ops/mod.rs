@@ -14,6 +14,8 @@ pub mod matmul;
 pub mod pool;
 pub mod pow;
 pub mod qmatmul;
+#[cfg(target_arch = "x86_64")]
+mod qpanels;
 pub mod reduce;
 pub mod reduce_extrema;
 pub mod rnn_cell;

@@ -10,6 +10,8 @@
 //!   llama.cpp does) and the block dot products are integer ones: faster, slightly less exact.
 
 use super::matmul::gemm_into;
+#[cfg(target_arch = "x86_64")]
+use super::qpanels::{Panels, GROUP};
 use crate::alloc::Buffer;
 use crate::autograd::GradFn;
 use crate::parallel::{self, PARALLEL_THRESHOLD};
@@ -17,7 +19,7 @@ use crate::vmath::{isa, Isa};
 use crate::{DType, Element, Layout, Shape, Tensor};
 use gemm::Parallelism;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Values per quantisation block (all supported types).
 pub const QK: usize = 32;
@@ -126,6 +128,10 @@ pub struct QMatrix {
     cols: usize,
     bytes: Arc<dyn AsRef<[u8]> + Send + Sync>,
     offset: usize,
+    /// The rows interleaved for the AVX-512 VNNI kernel, made on first use by an 8-bit product
+    /// (`None` inside when the CPU lacks it); clones share them.
+    #[cfg(target_arch = "x86_64")]
+    panels: Arc<OnceLock<Option<Panels>>>,
 }
 
 impl fmt::Debug for QMatrix {
@@ -165,6 +171,8 @@ impl QMatrix {
             cols,
             bytes,
             offset,
+            #[cfg(target_arch = "x86_64")]
+            panels: Arc::new(OnceLock::new()),
         })
     }
 
@@ -198,6 +206,21 @@ impl QMatrix {
     pub fn bytes(&self) -> &[u8] {
         let len = self.rows * self.row_bytes();
         &(*self.bytes).as_ref()[self.offset..self.offset + len]
+    }
+
+    /// The interleaved rows of the VNNI kernel, made now if this is the first call; `None`
+    /// when the CPU lacks AVX-512 VNNI (or `KILN_VMATH_ISA` narrows the kernels).
+    #[cfg(target_arch = "x86_64")]
+    fn panels(&self) -> Option<&Panels> {
+        self.panels
+            .get_or_init(|| vnni_ok().then(|| Panels::pack(self)))
+            .as_ref()
+    }
+
+    /// The panels if an earlier call made them (never makes them: for the threads of a split).
+    #[cfg(target_arch = "x86_64")]
+    fn panels_made(&self) -> Option<&Panels> {
+        self.panels.get().and_then(Option::as_ref)
     }
 
     fn row_bytes(&self) -> usize {
@@ -377,17 +400,20 @@ fn dot_row_f32(ty: QType, w: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
 
 // --------------------------------------------------------------- 8-bit activation dots
 
-/// One row of activations quantised per block: scales, `scale·Σq` per block, and the quants.
-struct Q8Row {
-    d: Vec<f32>,
-    dsum: Vec<f32>,
-    q: Vec<i8>,
+/// One row of activations quantised per block: scales, `Σq` and `scale·Σq` per block, and the
+/// quants.
+pub(super) struct Q8Row {
+    pub(super) d: Vec<f32>,
+    pub(super) qsum: Vec<i32>,
+    pub(super) dsum: Vec<f32>,
+    pub(super) q: Vec<i8>,
 }
 
-fn quantize_row_q8(x: &[f32]) -> Q8Row {
+pub(super) fn quantize_row_q8(x: &[f32]) -> Q8Row {
     let blocks = x.len() / QK;
     let mut r = Q8Row {
         d: Vec::with_capacity(blocks),
+        qsum: Vec::with_capacity(blocks),
         dsum: Vec::with_capacity(blocks),
         q: Vec::with_capacity(x.len()),
     };
@@ -402,6 +428,7 @@ fn quantize_row_q8(x: &[f32]) -> Q8Row {
             r.q.push(q);
         }
         r.d.push(d);
+        r.qsum.push(s);
         r.dsum.push(d * s as f32);
     }
     r
@@ -878,6 +905,14 @@ fn dot_rows(w: &QMatrix, first: usize, xs: &[Prepared], out: &mut [f32]) {
                 Prepared::F32 { .. } => None,
             })
             .collect();
+        if let Some(panels) = w.panels_made() {
+            if q8.len() == m && first.is_multiple_of(GROUP) {
+                // SAFETY: panels are made only where `vnni_ok` holds (AVX-512F and VNNI);
+                // the rows of `xs` are quantised at the matrix's width.
+                unsafe { panels.dot_rows(first, &q8, out) };
+                return;
+            }
+        }
         if m > 1 && q8.len() == m {
             // Several 8-bit rows: unpack each group of four weight rows once for all of them.
             let mut unpacked = avx2::Unpacked4::default();
@@ -938,7 +973,9 @@ fn matvec_many(ws: &[&QMatrix], xs: &[Prepared]) -> Buffer<f32> {
     let k = ws.first().map_or(0, |w| w.dims().1);
     // Weight-major `[total, m]`, so that each thread's part is one slice.
     let mut out = Buffer::<f32>::uninit(total * m);
-    parallel::for_each_split(&mut out, 4 * m, m * total * k, |start, part| {
+    make_panels(ws, xs);
+    // Splits start at whole panels (16 rows, a multiple of the 4-row kernels' groups).
+    parallel::for_each_split(&mut out, 16 * m, m * total * k, |start, part| {
         let (start, len) = (start / m, part.len() / m);
         // Walk the matrices that overlap [start, start + len).
         let (mut at, mut base) = (0usize, 0usize);
@@ -962,6 +999,19 @@ fn matvec_many(ws: &[&QMatrix], xs: &[Prepared]) -> Buffer<f32> {
         }
     }
     rows
+}
+
+/// Makes the VNNI panels of every matrix (on the calling thread, before any split) when the
+/// activations are 8-bit, so that [`dot_rows`] finds them.
+fn make_panels(ws: &[&QMatrix], xs: &[Prepared]) {
+    #[cfg(target_arch = "x86_64")]
+    if xs.iter().all(|x| matches!(x, Prepared::Q8(_))) {
+        for w in ws {
+            w.panels();
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (ws, xs);
 }
 
 /// Up to this many activation rows, the products stream the weights once for all rows
@@ -1081,6 +1131,7 @@ fn forward_q8_rows(rows: &[Q8Row], w: &QMatrix) -> Buffer<f32> {
         let xs: Vec<Prepared> = rows.iter().map(Prepared::Q8).collect();
         return matvec_many(&[w], &xs);
     }
+    make_panels(&[w], &[Prepared::Q8(&rows[0])]);
     per_output(rows.len(), n, n * k, |i, o| {
         dot_rows(w, 0, &[Prepared::Q8(&rows[i])], o)
     })
@@ -1326,7 +1377,8 @@ mod tests {
     fn q8_activation_products_are_close_and_match_their_own_scalar_definition() {
         for ty in TYPES {
             let w = QMatrix::quantize(ty, &Tensor::randn([33, 128], 6));
-            for m in [1, 4] {
+            // One row, a few (one split for all rows) and a prompt's worth (rows split).
+            for m in [1, 4, MATVEC_ROWS + 3] {
                 let x = Tensor::randn([m, 128], 7);
                 let got = x.qmatmul_q8(&w).to_vec::<f32>();
                 let err = max_rel(&got, &reference(&x, &w));
