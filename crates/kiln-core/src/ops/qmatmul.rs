@@ -417,6 +417,18 @@ pub(super) fn quantize_row_q8(x: &[f32]) -> Q8Row {
         dsum: Vec::with_capacity(blocks),
         q: Vec::with_capacity(x.len()),
     };
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        r.q.resize(blocks * QK, 0);
+        for (xb, qb) in x.chunks_exact(QK).zip(r.q.chunks_exact_mut(QK)) {
+            // SAFETY: AVX-512F is available (checked by `isa`); both blocks hold 32 values.
+            let (d, s) = unsafe { avx512::quantize_block_q8(xb, qb) };
+            r.d.push(d);
+            r.qsum.push(s);
+            r.dsum.push(d * s as f32);
+        }
+        return r;
+    }
     for xb in x.chunks_exact(QK) {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
@@ -466,6 +478,45 @@ fn dot_row_q8(ty: QType, w: &[u8], x: &Q8Row) -> f32 {
         acc += d * x.d[b] * sum as f32 + c * x.dsum[b];
     }
     acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::QK;
+    use std::arch::x86_64::*;
+
+    /// One block of [`super::quantize_row_q8`] (scale `amax / 127`, quants rounded half away
+    /// from zero, as `f32::round` does): the same bits as the scalar loop. Returns the scale
+    /// and the sum of the quants.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn quantize_block_q8(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+        debug_assert!(x.len() == QK && q.len() == QK);
+        let a = [
+            _mm512_loadu_ps(x.as_ptr()),
+            _mm512_loadu_ps(x.as_ptr().add(16)),
+        ];
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a[0]), _mm512_abs_ps(a[1])));
+        let d = amax / 127.0;
+        let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let mut sum = _mm512_setzero_si512();
+        for (h, &a) in a.iter().enumerate() {
+            let v = _mm512_mul_ps(a, id);
+            // Round half away from zero: truncate, then step away from zero where the
+            // (exact) fraction is at least one half.
+            let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+            let frac = _mm512_abs_ps(_mm512_sub_ps(v, t));
+            let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, _mm512_set1_ps(0.5));
+            let sign = _mm512_and_ps(v, _mm512_set1_ps(-0.0));
+            let step = _mm512_or_ps(sign, _mm512_set1_ps(1.0));
+            let r = _mm512_cvttps_epi32(_mm512_mask_add_ps(t, away, t, step));
+            sum = _mm512_add_epi32(sum, r);
+            _mm_storeu_si128(
+                q.as_mut_ptr().add(16 * h) as *mut __m128i,
+                _mm512_cvtepi32_epi8(r),
+            );
+        }
+        (d, _mm512_reduce_add_epi32(sum))
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1528,6 +1579,47 @@ mod tests {
             }
         }
         parallel::set_num_threads(0);
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn vector_and_scalar_activation_quantisation_give_the_same_bits() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        // Random blocks, a zero block, and blocks whose values land on halves (x·(127/amax)
+        // = k + 0.5 exactly, and just below and above).
+        let mut x = Tensor::randn([8 * QK], 51).to_vec::<f32>();
+        x[QK..2 * QK].fill(0.0);
+        for (i, v) in x[2 * QK..3 * QK].iter_mut().enumerate() {
+            *v = (i as f32 - 15.5) * (1.0 / 127.0) * 4.0;
+        }
+        x[3 * QK] = 127.0;
+        for (i, v) in x[3 * QK + 1..4 * QK].iter_mut().enumerate() {
+            *v = [
+                -2.5,
+                2.5,
+                -0.5,
+                0.5,
+                3.5,
+                1.5f32.next_down(),
+                1.5f32.next_up(),
+            ][i % 7];
+        }
+        for b in 0..x.len() / QK {
+            let xb = &x[b * QK..(b + 1) * QK];
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let want: Vec<i8> = xb.iter().map(|v| (v * id).round() as i8).collect();
+            let mut got = [0i8; QK];
+            // SAFETY: AVX-512F was detected above.
+            let (gd, gs) = unsafe { avx512::quantize_block_q8(xb, &mut got) };
+            assert_eq!(got.to_vec(), want, "block {b}");
+            assert_eq!(gd.to_bits(), d.to_bits(), "block {b}");
+            assert_eq!(gs, want.iter().map(|&q| q as i32).sum::<i32>(), "block {b}");
+        }
     }
 
     #[test]
