@@ -178,8 +178,9 @@ mod avx512 {
                 *acc = _mm512_fmadd_ps(p, _mm512_loadu_ps(row.add(16 * c)), *acc);
             }
         }
-        for c in 0..C {
-            let total = _mm512_add_ps(sums[0][c], sums[1][c]);
+        let [even, odd] = sums;
+        for (c, (even, odd)) in even.iter().zip(&odd).enumerate() {
+            let total = _mm512_add_ps(*even, *odd);
             _mm512_storeu_ps(
                 o.as_mut_ptr().add(16 * c),
                 _mm512_mul_ps(total, _mm512_set1_ps(inv)),
