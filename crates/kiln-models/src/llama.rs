@@ -1060,6 +1060,8 @@ impl LlamaForCausalLM {
             GgmlType::Q8_0 => Some(QType::Q8_0),
             _ => None,
         };
+        // Matrices for 8-bit products, prepared once the file is unmapped (lower peak memory).
+        let to_prepare = std::cell::RefCell::new(Vec::new());
         // A matrix, quantised when asked and possible, rows reordered by `order`.
         let matrix = |name: &str,
                       shape: [usize; 2],
@@ -1074,10 +1076,14 @@ impl LlamaForCausalLM {
                         model: "LlamaForCausalLM",
                         message: format!("tensor `{name}`: {m}"),
                     })?;
-                return Ok(Ok(match order {
+                let q = match order {
                     Some(o) => q.permute_rows(&o),
                     None => q,
-                }));
+                };
+                if quantized == Some(QuantActivations::Q8) {
+                    to_prepare.borrow_mut().push(q.clone());
+                }
+                return Ok(Ok(q));
             }
             let t = file.tensor_f32(name).map_err(io)?;
             Ok(Err(match order {
@@ -1169,6 +1175,10 @@ impl LlamaForCausalLM {
             }
             _ => None,
         };
+        drop(file);
+        for q in to_prepare.into_inner() {
+            q.prepare_q8();
+        }
         Ok(LlamaForCausalLM {
             model: LlamaModel {
                 embed_tokens,

@@ -208,6 +208,14 @@ impl QMatrix {
         &(*self.bytes).as_ref()[self.offset..self.offset + len]
     }
 
+    /// Prepares this matrix for 8-bit products ([`Tensor::qmatmul_q8`]) now rather than on the
+    /// first one: where the CPU has AVX-512 VNNI, a copy of the weights with rows interleaved
+    /// for its kernel (as many bytes again as the matrix). Does nothing elsewhere.
+    pub fn prepare_q8(&self) {
+        #[cfg(target_arch = "x86_64")]
+        self.panels();
+    }
+
     /// The interleaved rows of the VNNI kernel, made now if this is the first call; `None`
     /// when the CPU lacks AVX-512 VNNI (or `KILN_VMATH_ISA` narrows the kernels).
     #[cfg(target_arch = "x86_64")]

@@ -18,13 +18,14 @@
 //!
 //! The integer sums are those of the row-wise kernels; only the order of the f32 steps that
 //! scale and add the blocks differs. The panels are a copy of the matrix, made once per matrix
-//! on first use ([`QMatrix`] keeps them), so a model decoded this way holds its quantised
+//! ([`QMatrix::prepare_q8`], or on first use; the matrix keeps them), so a model decoded this way holds its quantised
 //! weights twice.
 //!
 //! [`Tensor::qmatmul_q8`]: crate::Tensor::qmatmul_q8
 //! [`Tensor::qmatmul_many`]: crate::Tensor::qmatmul_many
 
 use super::qmatmul::{Q8Row, QMatrix, QType, QK};
+use crate::parallel::{self, PARALLEL_THRESHOLD};
 
 /// Weight rows per panel.
 pub(crate) const GROUP: usize = 16;
@@ -64,41 +65,56 @@ fn nibble(nibbles: &[u8], e: usize) -> u8 {
 }
 
 impl Panels {
-    /// Interleaves the rows of `w`.
+    /// Interleaves the rows of `w` (groups of rows spread over the threads).
     pub(crate) fn pack(w: &QMatrix) -> Panels {
         let ty = w.qtype();
         let (rows, cols) = w.dims();
         let blocks = cols / QK;
         let (bb, qb, pb) = (ty.block_bytes(), quant_bytes(ty), panel_bytes(ty));
         let src = w.bytes();
-        let mut data = vec![0u8; rows.div_ceil(GROUP) * blocks * pb];
-        for r in 0..rows {
-            let (group, lane) = (r / GROUP, r % GROUP);
-            for b in 0..blocks {
-                let blk = &src[(r * blocks + b) * bb..][..bb];
-                let dst = &mut data[(group * blocks + b) * pb..][..pb];
-                match ty {
-                    QType::Q8_0 => {
-                        for (e, &q) in blk[2..2 + QK].iter().enumerate() {
-                            dst[(e / 4) * 64 + lane * 4 + e % 4] = q ^ 0x80;
+        let pack_group = |group: usize, out: &mut [u8]| {
+            for lane in 0..GROUP.min(rows - group * GROUP) {
+                let r = group * GROUP + lane;
+                for b in 0..blocks {
+                    let blk = &src[(r * blocks + b) * bb..][..bb];
+                    let dst = &mut out[b * pb..][..pb];
+                    match ty {
+                        QType::Q8_0 => {
+                            for (e, &q) in blk[2..2 + QK].iter().enumerate() {
+                                dst[(e / 4) * 64 + lane * 4 + e % 4] = q ^ 0x80;
+                            }
                         }
-                    }
-                    QType::Q4_0 | QType::Q4_1 => {
-                        let at = if ty == QType::Q4_1 { 4 } else { 2 };
-                        let nibbles = &blk[at..at + QK / 2];
-                        for s in 0..QK / 8 {
-                            for t in 0..4 {
-                                dst[s * 64 + lane * 4 + t] = nibble(nibbles, 8 * s + t)
-                                    | nibble(nibbles, 8 * s + 4 + t) << 4;
+                        QType::Q4_0 | QType::Q4_1 => {
+                            let at = if ty == QType::Q4_1 { 4 } else { 2 };
+                            let nibbles = &blk[at..at + QK / 2];
+                            for s in 0..QK / 8 {
+                                for t in 0..4 {
+                                    dst[s * 64 + lane * 4 + t] = nibble(nibbles, 8 * s + t)
+                                        | nibble(nibbles, 8 * s + 4 + t) << 4;
+                                }
                             }
                         }
                     }
+                    dst[qb + 2 * lane..qb + 2 * lane + 2].copy_from_slice(&blk[..2]);
+                    if ty == QType::Q4_1 {
+                        let m = qb + 2 * GROUP + 2 * lane;
+                        dst[m..m + 2].copy_from_slice(&blk[2..4]);
+                    }
                 }
-                dst[qb + 2 * lane..qb + 2 * lane + 2].copy_from_slice(&blk[..2]);
-                if ty == QType::Q4_1 {
-                    let m = qb + 2 * GROUP + 2 * lane;
-                    dst[m..m + 2].copy_from_slice(&blk[2..4]);
-                }
+            }
+        };
+        let group_bytes = blocks * pb;
+        let mut data = vec![0u8; rows.div_ceil(GROUP) * group_bytes];
+        if parallel::num_threads() > 1 && data.len() >= PARALLEL_THRESHOLD {
+            use rayon::prelude::*;
+            parallel::install(|| {
+                data.par_chunks_mut(group_bytes)
+                    .enumerate()
+                    .for_each(|(g, out)| pack_group(g, out))
+            });
+        } else {
+            for (g, out) in data.chunks_mut(group_bytes).enumerate() {
+                pack_group(g, out);
             }
         }
         Panels {
@@ -318,5 +334,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn packing_over_threads_gives_the_same_panels() {
+        let w = QMatrix::quantize(QType::Q4_1, &Tensor::randn([300, 1024], 43));
+        let mut packed = Vec::new();
+        for threads in [1, 2] {
+            parallel::set_num_threads(threads);
+            packed.push(Panels::pack(&w).data);
+        }
+        parallel::set_num_threads(0);
+        assert!(packed[0].len() >= PARALLEL_THRESHOLD);
+        assert!(packed[0] == packed[1]);
     }
 }
