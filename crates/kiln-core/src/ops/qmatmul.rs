@@ -1596,8 +1596,8 @@ mod tests {
             eprintln!("skipped: no AVX-512 on this CPU");
             return;
         }
-        // Random blocks, a zero block, and blocks whose values land on halves (x·(127/amax)
-        // = k + 0.5 exactly, and just below and above).
+        // Random blocks, a zero block, a ramp, and a block with amax 127 (so scale 1) whose
+        // values are exact halves and one ulp either side of 1.5.
         let mut x = Tensor::randn([8 * QK], 51).to_vec::<f32>();
         x[QK..2 * QK].fill(0.0);
         for (i, v) in x[2 * QK..3 * QK].iter_mut().enumerate() {
