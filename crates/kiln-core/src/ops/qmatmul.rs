@@ -1032,7 +1032,12 @@ fn matvec_many(ws: &[&QMatrix], xs: &[Prepared]) -> Buffer<f32> {
     let k = ws.first().map_or(0, |w| w.dims().1);
     // Weight-major `[total, m]`, so that each thread's part is one slice.
     let mut out = Buffer::<f32>::uninit(total * m);
-    make_panels(ws, xs);
+    if xs.iter().all(|x| matches!(x, Prepared::Q8(_))) {
+        // On this thread, before the split, so that `dot_rows` finds them.
+        for w in ws {
+            w.prepare_q8();
+        }
+    }
     // Splits start at whole panels (16 rows, a multiple of the 4-row kernels' groups).
     parallel::for_each_split(&mut out, 16 * m, m * total * k, |start, part| {
         let (start, len) = (start / m, part.len() / m);
@@ -1058,19 +1063,6 @@ fn matvec_many(ws: &[&QMatrix], xs: &[Prepared]) -> Buffer<f32> {
         }
     }
     rows
-}
-
-/// Makes the VNNI panels of every matrix (on the calling thread, before any split) when the
-/// activations are 8-bit, so that [`dot_rows`] finds them.
-fn make_panels(ws: &[&QMatrix], xs: &[Prepared]) {
-    #[cfg(target_arch = "x86_64")]
-    if xs.iter().all(|x| matches!(x, Prepared::Q8(_))) {
-        for w in ws {
-            w.panels();
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (ws, xs);
 }
 
 /// Up to this many activation rows, the products stream the weights once for all rows
@@ -1190,7 +1182,7 @@ fn forward_q8_rows(rows: &[Q8Row], w: &QMatrix) -> Buffer<f32> {
         let xs: Vec<Prepared> = rows.iter().map(Prepared::Q8).collect();
         return matvec_many(&[w], &xs);
     }
-    make_panels(&[w], &[Prepared::Q8(&rows[0])]);
+    w.prepare_q8();
     per_output(rows.len(), n, n * k, |i, o| {
         dot_rows(w, 0, &[Prepared::Q8(&rows[i])], o)
     })

@@ -145,19 +145,10 @@ impl Panels {
             let panel = self.data.as_ptr().add((start / GROUP) * self.blocks * pb);
             for (c, chunk) in xs.chunks(MAX_ACTIVATION_ROWS).enumerate() {
                 let mut dots = [[0f32; GROUP]; MAX_ACTIVATION_ROWS];
-                match (self.ty, chunk.len()) {
-                    (QType::Q8_0, 1) => group_dots::<1, 0>(panel, self.blocks, chunk, &mut dots),
-                    (QType::Q8_0, 2) => group_dots::<2, 0>(panel, self.blocks, chunk, &mut dots),
-                    (QType::Q8_0, 3) => group_dots::<3, 0>(panel, self.blocks, chunk, &mut dots),
-                    (QType::Q8_0, _) => group_dots::<4, 0>(panel, self.blocks, chunk, &mut dots),
-                    (QType::Q4_0, 1) => group_dots::<1, 1>(panel, self.blocks, chunk, &mut dots),
-                    (QType::Q4_0, 2) => group_dots::<2, 1>(panel, self.blocks, chunk, &mut dots),
-                    (QType::Q4_0, 3) => group_dots::<3, 1>(panel, self.blocks, chunk, &mut dots),
-                    (QType::Q4_0, _) => group_dots::<4, 1>(panel, self.blocks, chunk, &mut dots),
-                    (QType::Q4_1, 1) => group_dots::<1, 2>(panel, self.blocks, chunk, &mut dots),
-                    (QType::Q4_1, 2) => group_dots::<2, 2>(panel, self.blocks, chunk, &mut dots),
-                    (QType::Q4_1, 3) => group_dots::<3, 2>(panel, self.blocks, chunk, &mut dots),
-                    (QType::Q4_1, _) => group_dots::<4, 2>(panel, self.blocks, chunk, &mut dots),
+                match self.ty {
+                    QType::Q8_0 => dots_of::<0>(panel, self.blocks, chunk, &mut dots),
+                    QType::Q4_0 => dots_of::<1>(panel, self.blocks, chunk, &mut dots),
+                    QType::Q4_1 => dots_of::<2>(panel, self.blocks, chunk, &mut dots),
                 }
                 for (a, row_dots) in dots.iter().take(chunk.len()).enumerate() {
                     let i = c * MAX_ACTIVATION_ROWS + a;
@@ -167,6 +158,22 @@ impl Panels {
                 }
             }
         }
+    }
+}
+
+/// [`group_dots`] for as many activation rows as `xs` holds (1 to 4).
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn dots_of<const TY: u8>(
+    panel: *const u8,
+    blocks: usize,
+    xs: &[&Q8Row],
+    dots: &mut [[f32; GROUP]; MAX_ACTIVATION_ROWS],
+) {
+    match xs.len() {
+        1 => group_dots::<1, TY>(panel, blocks, xs, dots),
+        2 => group_dots::<2, TY>(panel, blocks, xs, dots),
+        3 => group_dots::<3, TY>(panel, blocks, xs, dots),
+        _ => group_dots::<4, TY>(panel, blocks, xs, dots),
     }
 }
 
