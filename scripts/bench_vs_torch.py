@@ -33,7 +33,9 @@ git-ignored .venv-llama/ at the repository root), each in its own process (peak 
 wait4), same token ids, thread counts and token counts. Prints a table with the ratios.
 
 With --rounds R > 1 the two sides alternate R times and each workload keeps its best median:
-on a shared, noisy machine this compares both at their least disturbed moments.
+on a shared, noisy machine this compares both at their least disturbed moments. In the bert
+suite the two sides of each workload run back to back within a round, and the table also gives
+the median (and range) of the per-round ratios, whose pairs saw the same spell of the machine.
 """
 
 import argparse
@@ -272,10 +274,10 @@ def bench_bert_binary():
     return exe
 
 
-def run_kiln_bert(args, exe):
+def run_kiln_bert(args, exe, workloads=BERT_WORKLOADS):
     """Each bench_bert workload in its own process; results carry that process's peak RSS."""
     results = []
-    for name in BERT_WORKLOADS:
+    for name in workloads:
         cmd = [exe, "--only", name, "--reps", str(args.reps),
                "--threads", ",".join(map(str, args.threads))]
         if args.quick:
@@ -344,11 +346,11 @@ def torch_bert_worker(args):
     print(json.dumps(dict(framework="torch", version=torch.__version__, results=results)))
 
 
-def run_torch_bert(args):
+def run_torch_bert(args, workloads=BERT_WORKLOADS):
     """Each BERT workload in its own python process (this script as --torch-bert worker)."""
     results = []
     version = None
-    for name in BERT_WORKLOADS:
+    for name in workloads:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--torch-bert", name,
                "--reps", str(args.reps), "--threads", ",".join(map(str, args.threads))]
         if args.quick:
@@ -366,12 +368,12 @@ def fmt_mb(b):
     return f"{b / 1e6:.0f} MB" if b else "-"
 
 
-def bert_table(kiln, torch_res):
+def bert_table(kiln, torch_res, paired):
     by_key = lambda res: {(r["name"], r["threads"]): r for r in res["results"]}
     k, t = by_key(kiln), by_key(torch_res)
     keys = list(dict.fromkeys([*t.keys(), *k.keys()]))
-    head = ["workload", "thr", "kiln", "torch", "kiln/torch time", "kiln sent/s", "torch sent/s",
-            "kiln RSS", "torch RSS", "kiln/torch RSS"]
+    head = ["workload", "thr", "kiln", "torch", "kiln/torch time", "paired ratios",
+            "kiln sent/s", "torch sent/s", "kiln RSS", "torch RSS", "kiln/torch RSS"]
     rows = []
     for key in keys:
         kr, tr = k.get(key), t.get(key)
@@ -379,9 +381,12 @@ def bert_table(kiln, torch_res):
         tm = tr["median_s"] if tr else None
         krss = kr.get("peak_rss") if kr else None
         trss = tr.get("peak_rss") if tr else None
+        pairs = paired.get(key, [])
         rows.append([
             key[0], str(key[1]), fmt_time(km), fmt_time(tm),
             f"{km / tm:.2f}" if km and tm else "-",
+            (f"{statistics.median(pairs):.2f} ({min(pairs):.2f}-{max(pairs):.2f})"
+             if pairs else "-"),
             f"{kr['sent_per_s']:.1f}" if kr else "-",
             f"{tr['sent_per_s']:.1f}" if tr else "-",
             fmt_mb(krss), fmt_mb(trss),
@@ -395,19 +400,34 @@ def bert_table(kiln, torch_res):
 
 
 def main_bert(args):
-    """The `--suite bert` run: both sides, alternating `--rounds` times, then the table."""
+    """The `--suite bert` run: per round, each workload on both sides back to back; then the
+    table. A workload's two sides run seconds apart, so a slow spell of the shared machine
+    tends to hit both; its paired ratios (kiln / torch within each round) show the spread."""
     exe = bench_bert_binary()
     kiln, torch_res = None, None
+    paired = {}
     for _ in range(max(1, args.rounds)):
-        kiln = merge_best(kiln, run_kiln_bert(args, exe))
-        args.threads = [t for t in args.threads if t <= kiln["max_threads"]]
-        torch_res = merge_best(torch_res, run_torch_bert(args))
-    print(bert_table(kiln, torch_res))
+        for name in BERT_WORKLOADS:
+            k_res = run_kiln_bert(args, exe, [name])
+            args.threads = [t for t in args.threads if t <= k_res["max_threads"]]
+            t_res = run_torch_bert(args, [name])
+            t_by = {(r["name"], r["threads"]): r for r in t_res["results"]}
+            for r in k_res["results"]:
+                key = (r["name"], r["threads"])
+                if key in t_by:
+                    paired.setdefault(key, []).append(r["median_s"] / t_by[key]["median_s"])
+            kiln = merge_best(kiln, k_res)
+            torch_res = merge_best(torch_res, t_res)
+    print(bert_table(kiln, torch_res, paired))
     print(f"\ntorch {torch_res['version']} (transformers BertForSequenceClassification); "
           f"kiln/torch < 1 means kiln is faster / smaller; medians of {args.reps} runs, best "
-          f"of {max(1, args.rounds)} round(s); RSS: peak of the process running that workload.")
+          f"of {max(1, args.rounds)} round(s); paired ratios: median (min-max) over the rounds "
+          f"of kiln's median / torch's, each pair run back to back; RSS: peak of the process "
+          f"running that workload.")
     if args.json:
-        args.json.write_text(json.dumps({"kiln": kiln, "torch": torch_res}, indent=2))
+        args.json.write_text(json.dumps({"kiln": kiln, "torch": torch_res,
+                                         "paired_ratios": {f"{n}@{t}": v for (n, t), v
+                                                           in paired.items()}}, indent=2))
 
 
 def merge_best(best, res):
