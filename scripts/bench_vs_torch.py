@@ -274,20 +274,22 @@ def bench_bert_binary():
     return exe
 
 
-def run_kiln_bert(args, exe, workloads=BERT_WORKLOADS):
-    """Each bench_bert workload in its own process; results carry that process's peak RSS."""
-    results = []
-    for name in workloads:
-        cmd = [exe, "--only", name, "--reps", str(args.reps),
-               "--threads", ",".join(map(str, args.threads))]
-        if args.quick:
-            cmd.append("--quick")
-        out, rss = run_measured(cmd, cwd=ROOT)
-        res = last_json(out)
-        for r in res["results"]:
-            r["peak_rss"] = rss
-        results += res["results"]
-    return dict(framework="kiln", max_threads=res["max_threads"], results=results)
+def run_bert_process(cmd, args):
+    """One BERT workload in its own process (`cmd` plus the shared flags): its JSON, with the
+    process's peak RSS on each result."""
+    cmd = cmd + ["--reps", str(args.reps), "--threads", ",".join(map(str, args.threads))]
+    if args.quick:
+        cmd.append("--quick")
+    out, rss = run_measured(cmd, cwd=ROOT)
+    res = last_json(out)
+    for r in res["results"]:
+        r["peak_rss"] = rss
+    return res
+
+
+def run_kiln_bert(args, exe, name):
+    """bench_bert's workload `name`, in its own process."""
+    return run_bert_process([exe, "--only", name], args)
 
 
 def minilm_ids(torch, b, length):
@@ -346,22 +348,11 @@ def torch_bert_worker(args):
     print(json.dumps(dict(framework="torch", version=torch.__version__, results=results)))
 
 
-def run_torch_bert(args, workloads=BERT_WORKLOADS):
-    """Each BERT workload in its own python process (this script as --torch-bert worker)."""
-    results = []
-    version = None
-    for name in workloads:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--torch-bert", name,
-               "--reps", str(args.reps), "--threads", ",".join(map(str, args.threads))]
-        if args.quick:
-            cmd.append("--quick")
-        out, rss = run_measured(cmd, cwd=ROOT)
-        res = last_json(out)
-        version = res["version"]
-        for r in res["results"]:
-            r["peak_rss"] = rss
-        results += res["results"]
-    return dict(framework="torch", version=version, results=results)
+def run_torch_bert(args, name):
+    """BERT workload `name` in PyTorch, in its own python process (this script as --torch-bert
+    worker)."""
+    return run_bert_process([sys.executable, str(Path(__file__).resolve()), "--torch-bert", name],
+                            args)
 
 
 def fmt_mb(b):
@@ -408,9 +399,9 @@ def main_bert(args):
     paired = {}
     for _ in range(max(1, args.rounds)):
         for name in BERT_WORKLOADS:
-            k_res = run_kiln_bert(args, exe, [name])
+            k_res = run_kiln_bert(args, exe, name)
             args.threads = [t for t in args.threads if t <= k_res["max_threads"]]
-            t_res = run_torch_bert(args, [name])
+            t_res = run_torch_bert(args, name)
             t_by = {(r["name"], r["threads"]): r for r in t_res["results"]}
             for r in k_res["results"]:
                 key = (r["name"], r["threads"])

@@ -105,6 +105,31 @@ pub fn for_each_chunk<T: Send>(out: &mut [T], f: impl Fn(usize, &mut [T]) + Sync
     });
 }
 
+/// Runs `f(index, chunk)` over the `chunk`-sized pieces of `buf` (the last may be shorter), on
+/// the kiln pool when `par`, else in order on the calling thread.
+pub(crate) fn for_chunks<T: Send>(
+    buf: &mut [T],
+    chunk: usize,
+    par: bool,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    if chunk == 0 || buf.is_empty() {
+        return;
+    }
+    if par {
+        use rayon::prelude::*;
+        install(|| {
+            buf.par_chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(i, c)| f(i, c))
+        });
+    } else {
+        for (i, c) in buf.chunks_mut(chunk).enumerate() {
+            f(i, c);
+        }
+    }
+}
+
 /// Splits `out` into one nearly equal part per thread ([`num_threads`] of them, each a
 /// multiple of `align` elements except the last) and runs `f(part_start, part)` on each, in
 /// parallel when `work` (the caller's estimate of the job's cost, in element operations) is at

@@ -526,25 +526,6 @@ fn backward_item<T: Float>(
     }
 }
 
-/// Runs `f(index, chunk)` over `chunk`-sized pieces of `buf`, on the kiln pool when `par`.
-fn for_chunks<T: Send>(buf: &mut [T], chunk: usize, par: bool, f: impl Fn(usize, &mut [T]) + Sync) {
-    if chunk == 0 || buf.is_empty() {
-        return;
-    }
-    if par {
-        use rayon::prelude::*;
-        parallel::install(|| {
-            buf.par_chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(i, c)| f(i, c))
-        });
-    } else {
-        for (i, c) in buf.chunks_mut(chunk).enumerate() {
-            f(i, c);
-        }
-    }
-}
-
 /// Split over batch items: `(tasks, items per task)`, or `None` to run in order.
 fn batch_split(g: &Geom) -> Option<(usize, usize)> {
     let threads = parallel::num_threads();
@@ -581,7 +562,7 @@ fn conv_forward<T: Float>(g: &Geom, x: &[T], w: &[T], bias: Option<&[T]>) -> Buf
     let chw = g.c * g.hw();
     if g.depthwise() {
         let (kk, p) = (g.kh * g.kw, g.p());
-        for_chunks(&mut out, p, g.work() >= CONV_PARALLEL_WORK, |plane, o| {
+        parallel::for_chunks(&mut out, p, g.work() >= CONV_PARALLEL_WORK, |plane, o| {
             let c = plane % g.c;
             let b = bias.map_or(T::zero(), |b| b[c]);
             o.fill(b);
@@ -596,7 +577,7 @@ fn conv_forward<T: Float>(g: &Geom, x: &[T], w: &[T], bias: Option<&[T]>) -> Buf
         return out;
     }
     match batch_split(g) {
-        Some((_, per)) => for_chunks(&mut out, per * item, true, |t, oc| {
+        Some((_, per)) => parallel::for_chunks(&mut out, per * item, true, |t, oc| {
             let mut col = Buffer::<T>::uninit(col_len(g));
             for (i, o) in oc.chunks_exact_mut(item).enumerate() {
                 let n = t * per + i;
@@ -632,7 +613,7 @@ fn conv_backward<T: Float>(
         let (kk, p, hw) = (g.kh * g.kw, g.p(), g.hw());
         let par = g.work() >= CONV_PARALLEL_WORK;
         if let Some(gx) = gx.as_mut() {
-            for_chunks(gx, hw, par, |plane, gxp| {
+            parallel::for_chunks(gx, hw, par, |plane, gxp| {
                 let c = plane % g.c;
                 gxp.fill(T::zero());
                 depthwise_plane(
@@ -647,7 +628,7 @@ fn conv_backward<T: Float>(
         let gw = need_w.then(|| {
             // Per-plane partial sums, then a sum over the batch.
             let mut partial = Buffer::<T>::filled(g.n * g.c * kk, T::zero());
-            for_chunks(&mut partial, kk, par, |plane, gwp| {
+            parallel::for_chunks(&mut partial, kk, par, |plane, gwp| {
                 depthwise_plane(
                     g,
                     &x[plane * hw..(plane + 1) * hw],

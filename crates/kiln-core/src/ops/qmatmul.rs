@@ -1094,15 +1094,8 @@ fn per_output(
     f: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Buffer<f32> {
     let mut out = Buffer::<f32>::uninit(m * n);
-    let threads = parallel::num_threads();
-    if threads > 1 && m * work_per_row >= PARALLEL_THRESHOLD {
-        use rayon::prelude::*;
-        parallel::install(|| out.par_chunks_mut(n).enumerate().for_each(|(i, o)| f(i, o)));
-    } else {
-        for (i, o) in out.chunks_mut(n).enumerate() {
-            f(i, o);
-        }
-    }
+    let par = parallel::num_threads() > 1 && m * work_per_row >= PARALLEL_THRESHOLD;
+    parallel::for_chunks(&mut out, n, par, f);
     out
 }
 

@@ -105,18 +105,8 @@ impl Panels {
         };
         let group_bytes = blocks * pb;
         let mut data = vec![0u8; rows.div_ceil(GROUP) * group_bytes];
-        if parallel::num_threads() > 1 && data.len() >= PARALLEL_THRESHOLD {
-            use rayon::prelude::*;
-            parallel::install(|| {
-                data.par_chunks_mut(group_bytes)
-                    .enumerate()
-                    .for_each(|(g, out)| pack_group(g, out))
-            });
-        } else {
-            for (g, out) in data.chunks_mut(group_bytes).enumerate() {
-                pack_group(g, out);
-            }
-        }
+        let par = parallel::num_threads() > 1 && data.len() >= PARALLEL_THRESHOLD;
+        parallel::for_chunks(&mut data, group_bytes, par, pack_group);
         Panels {
             ty,
             rows,
