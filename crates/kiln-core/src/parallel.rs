@@ -87,27 +87,21 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
-/// Splits `out` into chunks and runs `f(chunk_start, chunk)` on each, in parallel when `out`
-/// is at least `PARALLEL_THRESHOLD` long and more than one thread is allowed.
-pub fn for_each_chunk<T: Send>(out: &mut [T], f: impl Fn(usize, &mut [T]) + Sync) {
-    let n = out.len();
-    let threads = num_threads();
-    if n < PARALLEL_THRESHOLD || threads == 1 {
-        return f(0, out);
+/// Runs `f(0)`, …, `f(parts - 1)` on the kiln pool (parallel when more than one thread is
+/// allowed); the pool hands parts out one at a time, so a thread the host delays leaves its
+/// parts to the others. Returns when every part has run; a part's panic is re-raised here.
+pub fn run_parts(parts: usize, f: &(dyn Fn(usize) + Sync)) {
+    if parts <= 1 || num_threads() == 1 {
+        (0..parts).for_each(f);
+        return;
     }
     use rayon::prelude::*;
-    // A few chunks per thread for balance, each a multiple of 64 elements.
-    let chunk = (n.div_ceil(threads * 4)).div_ceil(64) * 64;
-    install(|| {
-        out.par_chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(i, c)| f(i * chunk, c));
-    });
+    install(|| (0..parts).into_par_iter().with_max_len(1).for_each(f));
 }
 
-/// Runs `f(index, chunk)` over the `chunk`-sized pieces of `buf` (the last may be shorter), on
-/// the kiln pool when `par`, else in order on the calling thread.
-pub(crate) fn for_chunks<T: Send>(
+/// Runs `f(index, piece)` over the `chunk`-sized pieces of `buf` (the last may be shorter),
+/// through [`run_parts`] when `par`, else in order on the calling thread.
+pub fn for_chunks<T: Send>(
     buf: &mut [T],
     chunk: usize,
     par: bool,
@@ -116,18 +110,38 @@ pub(crate) fn for_chunks<T: Send>(
     if chunk == 0 || buf.is_empty() {
         return;
     }
-    if par {
-        use rayon::prelude::*;
-        install(|| {
-            buf.par_chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(i, c)| f(i, c))
-        });
-    } else {
+    let n = buf.len();
+    let parts = n.div_ceil(chunk);
+    if !par || parts == 1 {
         for (i, c) in buf.chunks_mut(chunk).enumerate() {
             f(i, c);
         }
+        return;
     }
+    // Raw pointers are not Sync; the pieces are disjoint.
+    let base = buf.as_mut_ptr() as usize;
+    run_parts(parts, &|i| {
+        let start = i * chunk;
+        let len = chunk.min(n - start);
+        // SAFETY: piece `i` is `start..start + len` of `buf`, which outlives the call; every
+        // index runs once, so no two pieces alias.
+        let piece = unsafe { std::slice::from_raw_parts_mut((base as *mut T).add(start), len) };
+        f(i, piece)
+    });
+}
+
+/// Splits `out` into chunks and runs `f(chunk_start, chunk)` on each, in parallel when `out`
+/// is at least `PARALLEL_THRESHOLD` long and more than one thread is allowed.
+pub fn for_each_chunk<T: Send>(out: &mut [T], f: impl Fn(usize, &mut [T]) + Sync) {
+    let n = out.len();
+    let threads = num_threads();
+    let par = n >= PARALLEL_THRESHOLD && threads > 1;
+    let chunk = if par {
+        (n.div_ceil(threads * 4)).div_ceil(64) * 64
+    } else {
+        n
+    };
+    for_chunks(out, chunk, par, |i, c| f(i * chunk, c));
 }
 
 /// Splits `out` into one nearly equal part per thread ([`num_threads`] of them, each a
@@ -149,27 +163,23 @@ pub fn for_each_split<T: Send>(
     }
     let part = n.div_ceil(threads).div_ceil(align) * align;
     let parts = n.div_ceil(part);
-    if parts <= crate::team::MAX_PARTS && crate::team::enabled() {
-        // The caller and spinning helpers (see `team`): no thread wake-up per split.
-        let base = out.as_mut_ptr() as usize;
-        let run = |i: usize| {
-            let start = i * part;
-            let len = part.min(n - start);
-            // SAFETY: parts are disjoint ranges of `out`, which outlives the team's run.
-            let chunk = unsafe { std::slice::from_raw_parts_mut((base as *mut T).add(start), len) };
-            f(start, chunk)
-        };
-        if crate::team::team(threads).try_run(parts, &run) {
-            return;
-        }
+    let base = out.as_mut_ptr() as usize;
+    let run = |i: usize| {
+        let start = i * part;
+        let len = part.min(n - start);
+        // SAFETY: part `i` is `start..start + len` of `out`, which outlives the call; every
+        // index runs once, so no two parts alias.
+        let chunk = unsafe { std::slice::from_raw_parts_mut((base as *mut T).add(start), len) };
+        f(start, chunk)
+    };
+    // Back-to-back splits (a decoded token's products) go to the spinning team when it is free.
+    if parts <= crate::team::MAX_PARTS
+        && crate::team::enabled()
+        && crate::team::team(threads).try_run(parts, &run)
+    {
+        return;
     }
-    use rayon::prelude::*;
-    install(|| {
-        out.par_chunks_mut(part)
-            .with_max_len(1)
-            .enumerate()
-            .for_each(|(i, c)| f(i * part, c));
-    });
+    run_parts(parts, &run);
 }
 
 #[cfg(test)]
@@ -216,6 +226,37 @@ mod tests {
         }
         set_num_threads(0);
         assert_eq!(num_threads(), default_threads().clamp(1, max));
+    }
+
+    #[test]
+    fn every_part_and_piece_runs_once_and_a_panic_reaches_the_caller() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        for threads in [1, 2] {
+            set_num_threads(threads);
+            let hits: Vec<AtomicUsize> = (0..37).map(|_| AtomicUsize::new(0)).collect();
+            run_parts(hits.len(), &|i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+            let mut buf = vec![0usize; 1000];
+            for_chunks(&mut buf, 64, true, |i, piece| {
+                assert!(piece.len() == 64 || i == 15);
+                for (k, v) in piece.iter_mut().enumerate() {
+                    *v = i * 64 + k;
+                }
+            });
+            assert!(buf.iter().enumerate().all(|(i, &v)| v == i));
+            let r = std::panic::catch_unwind(|| {
+                run_parts(4, &|i| {
+                    if i == 2 {
+                        panic!("part 2 failed")
+                    }
+                })
+            });
+            let payload = r.expect_err("the part's panic reaches the caller");
+            assert_eq!(payload.downcast_ref::<&str>(), Some(&"part 2 failed"));
+        }
+        set_num_threads(0);
     }
 
     #[test]

@@ -138,8 +138,8 @@ impl<T> Shared<T> {
     }
 }
 
-/// Runs `run(task, scratch)` for every task, in parallel when `work` is large; each thread
-/// reuses one zeroed scratch of `scratch_len` elements.
+/// Runs `run(task, scratch)` for every task, in parallel when `work` is large; each
+/// group of tasks reuses one zeroed scratch of `scratch_len` elements.
 fn for_each_task<T: Float>(
     tasks: usize,
     work: usize,
@@ -153,11 +153,13 @@ fn for_each_task<T: Float>(
         }
         return;
     }
-    use rayon::prelude::*;
-    parallel::install(|| {
-        (0..tasks)
-            .into_par_iter()
-            .for_each_init(|| vec![T::zero(); scratch_len], |s, t| run(t, s))
+    // A few groups of tasks per thread, each with its own scratch.
+    let per = tasks.div_ceil(parallel::num_threads() * 8);
+    parallel::run_parts(tasks.div_ceil(per), &|g| {
+        let mut scratch = vec![T::zero(); scratch_len];
+        for t in g * per..((g + 1) * per).min(tasks) {
+            run(t, &mut scratch);
+        }
     });
 }
 

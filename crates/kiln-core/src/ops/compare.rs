@@ -101,11 +101,10 @@ fn walk_runs<const K: usize, U: Send>(
     };
 
     if n >= PARALLEL_THRESHOLD && num_threads() > 1 && rows > 1 {
-        use rayon::prelude::*;
         let rows_per_task = rows.div_ceil(num_threads() * 4).max(1);
-        out.par_chunks_mut(rows_per_task * inner)
-            .enumerate()
-            .for_each(|(i, chunk)| run(i * rows_per_task, chunk));
+        crate::parallel::for_chunks(out, rows_per_task * inner, true, |i, chunk| {
+            run(i * rows_per_task, chunk)
+        });
     } else {
         run(0, out);
     }

@@ -71,10 +71,9 @@ fn draw_mask_on(path: Isa, n: usize, threshold: u64, seed: u64) -> Buffer<u64> {
         }
     };
     if n >= PARALLEL_THRESHOLD && num_threads() > 1 {
-        use rayon::prelude::*;
-        bits.par_chunks_mut(WORDS_PER_BLOCK)
-            .enumerate()
-            .for_each(|(b, words)| fill_block(b, words));
+        crate::parallel::for_chunks(&mut bits, WORDS_PER_BLOCK, true, |b, words| {
+            fill_block(b, words)
+        });
     } else {
         for (b, words) in bits.chunks_mut(WORDS_PER_BLOCK).enumerate() {
             fill_block(b, words);
@@ -134,11 +133,9 @@ fn apply_mask_on<T: Float>(path: Isa, x: &[T], bits: &[u64], scale: T, out: &mut
 /// `x` is large, else once over the whole.
 fn by_blocks<T: Send + Sync>(x: &[T], out: &mut [T], run: impl Fn(usize, &[T], &mut [T]) + Sync) {
     if x.len() >= PARALLEL_THRESHOLD && num_threads() > 1 {
-        use rayon::prelude::*;
-        out.par_chunks_mut(BLOCK)
-            .zip(x.par_chunks(BLOCK))
-            .enumerate()
-            .for_each(|(b, (o, x))| run(b * WORDS_PER_BLOCK, x, o));
+        crate::parallel::for_chunks(out, BLOCK, true, |b, o| {
+            run(b * WORDS_PER_BLOCK, &x[b * BLOCK..b * BLOCK + o.len()], o)
+        });
     } else {
         run(0, x, out);
     }

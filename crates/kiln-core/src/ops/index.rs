@@ -115,11 +115,10 @@ fn index_select_kernel<T: Element>(x: &Tensor, dim: usize, idx: &[usize], op: &s
             }
         };
         if threaded(n, 2) {
-            use rayon::prelude::*;
             let per_task = n.div_ceil(num_threads() * 4).max(1);
-            out.par_chunks_mut(per_task)
-                .enumerate()
-                .for_each(|(t, chunk)| run(t * per_task, chunk));
+            crate::parallel::for_chunks(&mut out, per_task, true, |t, chunk| {
+                run(t * per_task, chunk)
+            });
         } else {
             run(0, &mut out);
         }
@@ -144,11 +143,10 @@ fn index_select_kernel<T: Element>(x: &Tensor, dim: usize, idx: &[usize], op: &s
     };
     let rows = outer * n_idx;
     if threaded(n, rows) {
-        use rayon::prelude::*;
         let per_task = rows.div_ceil(num_threads() * 4).max(1);
-        out.par_chunks_mut(per_task * inner)
-            .enumerate()
-            .for_each(|(t, chunk)| run(t * per_task, chunk));
+        crate::parallel::for_chunks(&mut out, per_task * inner, true, |t, chunk| {
+            run(t * per_task, chunk)
+        });
     } else {
         run(0, &mut out);
     }
@@ -188,12 +186,10 @@ fn index_add_kernel<T: Element>(
             .for_each(|(dst, g)| add_rows(dst, g, 0, d));
     } else if outer == 1 && threaded(g.len(), d) {
         let per_task = d.div_ceil(num_threads()).max(1);
-        dst.par_chunks_mut(per_task * inner)
-            .enumerate()
-            .for_each(|(t, chunk)| {
-                let lo = t * per_task;
-                add_rows(chunk, g, lo, lo + chunk.len() / inner)
-            });
+        crate::parallel::for_chunks(dst, per_task * inner, true, |t, chunk| {
+            let lo = t * per_task;
+            add_rows(chunk, g, lo, lo + chunk.len() / inner)
+        });
     } else {
         for (dst, g) in dst
             .chunks_exact_mut(d * inner)
@@ -354,11 +350,10 @@ fn gather_kernel<T: Element>(x: &Tensor, walk: &IndexWalk, op: &str) -> Buffer<T
     };
     let rows = walk.rows();
     if threaded(n, rows) {
-        use rayon::prelude::*;
         let per_task = rows.div_ceil(num_threads() * 4).max(1);
-        out.par_chunks_mut(per_task * len)
-            .enumerate()
-            .for_each(|(t, chunk)| run(t * per_task, chunk));
+        crate::parallel::for_chunks(&mut out, per_task * len, true, |t, chunk| {
+            run(t * per_task, chunk)
+        });
     } else {
         run(0, &mut out);
     }
@@ -399,18 +394,15 @@ fn scatter_add_kernel<T: Element>(
     let lead = walk.shape[0];
     let rows = walk.rows();
     if walk.dim != 0 && walk.shape.len() > 1 && threaded(n, lead) {
-        use rayon::prelude::*;
         let rows_per_lead = rows / lead;
         let per_task = lead.div_ceil(num_threads() * 2).max(1);
         let stride0 = ds_full[0];
-        dst.par_chunks_mut(per_task * stride0)
-            .enumerate()
-            .for_each(|(t, chunk)| {
-                let (l0, l1) = (t * per_task, ((t + 1) * per_task).min(lead));
-                if l0 < l1 {
-                    run(chunk, l0 * stride0, l0 * rows_per_lead..l1 * rows_per_lead);
-                }
-            });
+        crate::parallel::for_chunks(dst, per_task * stride0, true, |t, chunk| {
+            let (l0, l1) = (t * per_task, ((t + 1) * per_task).min(lead));
+            if l0 < l1 {
+                run(chunk, l0 * stride0, l0 * rows_per_lead..l1 * rows_per_lead);
+            }
+        });
     } else {
         run(dst, 0, 0..rows);
     }

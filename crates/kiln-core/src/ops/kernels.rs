@@ -220,11 +220,10 @@ pub fn zip_map<T: Element, U: Element>(
     };
 
     if n >= PARALLEL_THRESHOLD && num_threads() > 1 && rows > 1 {
-        use rayon::prelude::*;
         let rows_per_task = rows.div_ceil(num_threads() * 4).max(1);
-        out.par_chunks_mut(rows_per_task * inner)
-            .enumerate()
-            .for_each(|(i, chunk)| run_rows(i * rows_per_task, chunk));
+        crate::parallel::for_chunks(&mut out, rows_per_task * inner, true, |i, chunk| {
+            run_rows(i * rows_per_task, chunk)
+        });
     } else {
         run_rows(0, &mut out);
     }

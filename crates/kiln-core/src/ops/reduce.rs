@@ -108,14 +108,12 @@ pub fn reduce_map<T: Element, U: Element>(
     };
 
     if n_out * n_red >= PARALLEL_THRESHOLD && n_out > 1 && num_threads() > 1 {
-        use rayon::prelude::*;
         let per_task = n_out.div_ceil(num_threads() * 4);
         let kept_offsets: Vec<usize> = plan.kept.offsets().collect();
-        out.par_chunks_mut(per_task)
-            .zip(kept_offsets.par_chunks(per_task))
-            .for_each(|(o, k)| {
-                run(&mut k.iter().copied(), o);
-            });
+        crate::parallel::for_chunks(&mut out, per_task, true, |t, o| {
+            let k = &kept_offsets[t * per_task..t * per_task + o.len()];
+            run(&mut k.iter().copied(), o);
+        });
     } else {
         run(&mut plan.kept.offsets(), &mut out);
     }

@@ -185,13 +185,12 @@ pub(crate) fn for_each_block(b: Blocks, f: impl Fn(Range<usize>, Range<usize>) +
     if b.len() < PARALLEL_THRESHOLD || threads == 1 || b.outer * b.inner <= 1 {
         return f(0..b.outer, 0..b.inner);
     }
-    use rayon::prelude::*;
     let tasks = threads * 4;
     if b.outer >= tasks || b.inner == 1 {
         let per = b.outer.div_ceil(tasks);
-        (0..b.outer.div_ceil(per))
-            .into_par_iter()
-            .for_each(|t| f(t * per..((t + 1) * per).min(b.outer), 0..b.inner));
+        crate::parallel::run_parts(b.outer.div_ceil(per), &|t| {
+            f(t * per..((t + 1) * per).min(b.outer), 0..b.inner)
+        });
     } else {
         // Column segments stay long: short strided runs cost more than the parallelism gains.
         let splits = tasks.div_ceil(b.outer);
@@ -201,7 +200,7 @@ pub(crate) fn for_each_block(b: Blocks, f: impl Fn(Range<usize>, Range<usize>) +
             .next_multiple_of(16)
             .max(MIN_SEGMENT);
         let nseg = b.inner.div_ceil(seg);
-        (0..b.outer * nseg).into_par_iter().for_each(|t| {
+        crate::parallel::run_parts(b.outer * nseg, &|t| {
             let (o, s) = (t / nseg, t % nseg);
             f(o..o + 1, s * seg..((s + 1) * seg).min(b.inner))
         });

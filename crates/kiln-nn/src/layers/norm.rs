@@ -5,7 +5,7 @@
 
 use crate::{Forward, Module, Param};
 use kiln_core::alloc::Buffer;
-use kiln_core::parallel::{num_threads, PARALLEL_THRESHOLD};
+use kiln_core::parallel::{num_threads, run_parts, PARALLEL_THRESHOLD};
 use kiln_core::{Element, Float, GradFn, Layout, Storage, Tensor};
 use std::sync::Arc;
 
@@ -30,33 +30,36 @@ fn par_rows<A: Send, B: Send, R: Send>(
         return vec![f(0, a, b)];
     }
     let per = rows.div_ceil(tasks);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = a
-            .chunks_mut(per * n)
-            .zip(b.chunks_mut(per))
-            .enumerate()
-            .map(|(i, (a, b))| {
-                let f = &f;
-                s.spawn(move || f(i * per, a, b))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
+    let parts = rows.div_ceil(per);
+    let results: Vec<std::sync::Mutex<Option<R>>> =
+        (0..parts).map(|_| std::sync::Mutex::new(None)).collect();
+    // Raw pointers are not Sync; part `i` takes rows `i·per..` of both buffers, disjoint.
+    let (pa, pb) = (a.as_mut_ptr() as usize, b.as_mut_ptr() as usize);
+    run_parts(parts, &|i| {
+        let (r0, len) = (i * per, per.min(rows - i * per));
+        // SAFETY: rows `r0..r0 + len` lie inside `a` and `b`, which outlive the call, and no
+        // other part touches them.
+        let (a, b) = unsafe {
+            (
+                std::slice::from_raw_parts_mut((pa as *mut A).add(r0 * n), len * n),
+                std::slice::from_raw_parts_mut((pb as *mut B).add(r0), len),
+            )
+        };
+        *results[i].lock().unwrap() = Some(f(r0, a, b));
+    });
+    results
+        .into_iter()
+        .map(|r| r.into_inner().unwrap().expect("every part ran"))
+        .collect()
 }
 
 /// Per-row statistics kept for the backward: mean (0 for RMSNorm) and `1/√(var + eps)`.
 type Stats = Arc<Vec<(f64, f64)>>;
 
-fn slice<T: Element>(s: &Storage, t: &Tensor) -> Vec<T> {
+/// The values of `t` (contiguous) in its storage `s`, borrowed.
+fn view<'a, T: Element>(s: &'a Storage, t: &Tensor) -> &'a [T] {
     let r = t.layout().contiguous_range().expect("contiguous");
-    T::slice(s).expect("dtype checked")[r].to_vec()
-}
-
-/// The values of a contiguous `t` as `Vec<T>`.
-fn values<T: Element>(t: &Tensor) -> Vec<T> {
-    let t = t.contiguous();
-    let s = t.storage();
-    slice::<T>(&s, &t)
+    &T::slice(s).expect("dtype checked")[r]
 }
 
 fn norm_forward<T: Float>(
@@ -204,11 +207,17 @@ impl GradFn for NormBackward {
         let x = &inputs[0];
         let w = self.has_weight.then(|| &inputs[1]);
         kiln_core::dispatch_float!(x.dtype(), self.name(), |T| {
-            let xv = values::<T>(x);
-            let gv = values::<T>(g);
-            let wv = w.map(values::<T>);
-            let (dx, dw, db) =
-                norm_backward(&xv, &gv, self.n, wv.as_deref(), &self.stats, self.rms);
+            let (x, g, w) = (x.contiguous(), g.contiguous(), w.map(Tensor::contiguous));
+            let (xs, gs, ws) = (x.storage(), g.storage(), w.as_ref().map(Tensor::storage));
+            let wv = ws.as_ref().zip(w.as_ref()).map(|(s, w)| view::<T>(s, w));
+            let (dx, dw, db) = norm_backward(
+                view::<T>(&xs, &x),
+                view::<T>(&gs, &g),
+                self.n,
+                wv,
+                &self.stats,
+                self.rms,
+            );
             let mut grads = vec![Some(Tensor::from_buffer(dx, x.shape().clone()))];
             let pshape = inputs[1..]
                 .first()
@@ -263,10 +272,19 @@ fn fused_norm(
     inputs.extend(weight);
     inputs.extend(bias);
     let (storage, stats) = kiln_core::dispatch_float!(x.dtype(), op, |T| {
-        let xv = values::<T>(x);
-        let wv = weight.map(values::<T>);
-        let bv = bias.map(values::<T>);
-        let (out, stats) = norm_forward(&xv, n, wv.as_deref(), bv.as_deref(), eps, rms);
+        let (xc, w, b) = (
+            x.contiguous(),
+            weight.map(Tensor::contiguous),
+            bias.map(Tensor::contiguous),
+        );
+        let (xs, ws, bs) = (
+            xc.storage(),
+            w.as_ref().map(Tensor::storage),
+            b.as_ref().map(Tensor::storage),
+        );
+        let wv = ws.as_ref().zip(w.as_ref()).map(|(s, w)| view::<T>(s, w));
+        let bv = bs.as_ref().zip(b.as_ref()).map(|(s, b)| view::<T>(s, b));
+        let (out, stats) = norm_forward(view::<T>(&xs, &xc), n, wv, bv, eps, rms);
         (T::into_storage(out), stats)
     });
     let stats = Arc::new(stats);
