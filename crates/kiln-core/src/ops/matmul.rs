@@ -23,7 +23,7 @@ use gemm::Parallelism;
 /// a second thread gave nothing up to 80³ (2^19), and from 2^20 (≈ 100³, ~25 µs on one core)
 /// the work clearly outweighs waking and joining a worker. Re-check with the `matmul_f32_small`
 /// group of `benches/core_ops.rs` on a quiet machine.
-const GEMM_PARALLEL_WORK: usize = 1 << 20;
+pub(crate) const GEMM_PARALLEL_WORK: usize = 1 << 20;
 
 /// Total m·n·k of a batch at or above which its products are spread over threads, whole
 /// products per thread (no synchronisation inside gemm, so the bar is lower than for one
@@ -161,7 +161,7 @@ pub(crate) unsafe fn gemm_into<T: Element>(
     b_strides: (usize, usize),
     par: Parallelism,
 ) {
-    split_gemm(mnk, dst, false, a, a_strides, b, b_strides, par);
+    split_gemm(mnk, dst, Start::Zero, a, a_strides, b, b_strides, par);
 }
 
 /// `dst[m × n] += a[m × k] · b[k × n]` with the given element strides; `dst` rows are `n` apart.
@@ -178,7 +178,67 @@ pub(crate) unsafe fn gemm_acc_into<T: Element>(
     b_strides: (usize, usize),
     par: Parallelism,
 ) {
-    split_gemm(mnk, dst, true, a, a_strides, b, b_strides, par);
+    split_gemm(mnk, dst, Start::Keep, a, a_strides, b, b_strides, par);
+}
+
+/// `dst[m × n] = bias + a[m × k] · b[k × n]`, `bias` (`n` values) added to every row: each
+/// thread writes the bias into its share of `dst` and lets gemm accumulate onto it, so the
+/// bias costs no pass of its own (as `torch.addmm`).
+///
+/// # Safety
+/// As for [`gemm_into`], and `bias` must address `n` values.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_bias_into<T: Element>(
+    mnk: (usize, usize, usize),
+    dst: *mut T,
+    bias: *const T,
+    a: *const T,
+    a_strides: (usize, usize),
+    b: *const T,
+    b_strides: (usize, usize),
+    par: Parallelism,
+) {
+    split_gemm(mnk, dst, Start::Row(bias), a, a_strides, b, b_strides, par);
+}
+
+/// What `dst` holds before [`split_gemm`] adds the product.
+#[derive(Clone, Copy)]
+enum Start<T> {
+    /// Nothing: `dst = a·b`.
+    Zero,
+    /// Its current values: `dst += a·b`.
+    Keep,
+    /// The `n` values at the pointer, in every row: `dst = row + a·b`.
+    Row(*const T),
+}
+
+/// Writes `row[cols]` into rows `rows` of `dst` (rows `n` apart), then returns the `accumulate`
+/// flag gemm needs for `start`.
+///
+/// # Safety
+/// `dst` must address `rows.end` rows of `n` elements, and a `Row` pointer `n` values.
+unsafe fn prepare<T: Element>(
+    start: Start<T>,
+    dst: *mut T,
+    n: usize,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+) -> bool {
+    match start {
+        Start::Zero => false,
+        Start::Keep => true,
+        Start::Row(row) => {
+            // SAFETY: forwarded from the caller's contract.
+            unsafe {
+                let row = std::slice::from_raw_parts(row.add(cols.start), cols.len());
+                for r in rows {
+                    std::slice::from_raw_parts_mut(dst.add(r * n + cols.start), cols.len())
+                        .copy_from_slice(row);
+                }
+            }
+            true
+        }
+    }
 }
 
 /// Rows (or columns) of one thread's share are a multiple of this, so every share fills whole
@@ -194,7 +254,7 @@ const SPLIT_ALIGN: usize = 16;
 unsafe fn split_gemm<T: Element>(
     (m, n, k): (usize, usize, usize),
     dst: *mut T,
-    accumulate: bool,
+    start: Start<T>,
     a: *const T,
     (a_rs, a_cs): (usize, usize),
     b: *const T,
@@ -209,6 +269,8 @@ unsafe fn split_gemm<T: Element>(
     let extent = if by_rows { m } else { n };
     let parts = threads.min(extent / SPLIT_ALIGN);
     if parts <= 1 {
+        // SAFETY: `dst` is the whole `m × n` output.
+        let accumulate = unsafe { prepare(start, dst, n, 0..m, 0..n) };
         gemm_raw(
             (m, n, k),
             (dst, n),
@@ -224,6 +286,12 @@ unsafe fn split_gemm<T: Element>(
     let share = extent.div_ceil(parts).next_multiple_of(SPLIT_ALIGN);
     // Raw pointers are not Send; the shares address disjoint blocks of `dst`.
     let (dst, a, b) = (dst as usize, a as usize, b as usize);
+    // The mode as plain integers, for the same reason.
+    let init = match start {
+        Start::Zero => (0, 0),
+        Start::Keep => (1, 0),
+        Start::Row(row) => (2, row as usize),
+    };
     let run = |i: usize| {
         let start = i * share;
         let len = share.min(extent.saturating_sub(start));
@@ -231,10 +299,16 @@ unsafe fn split_gemm<T: Element>(
             return;
         }
         let (dst, a, b) = (dst as *mut T, a as *const T, b as *const T);
+        let mode = match init {
+            (0, _) => Start::Zero,
+            (1, _) => Start::Keep,
+            (_, row) => Start::Row(row as *const T),
+        };
         // SAFETY: row (column) block `start..start + len` of `a` (`b`) and of `dst` lies inside
         // the operands the caller vouched for; the blocks of different shares do not overlap.
         unsafe {
             if by_rows {
+                let accumulate = prepare(mode, dst, n, start..start + len, 0..n);
                 gemm_raw(
                     (len, n, k),
                     (dst.add(start * n), n),
@@ -246,6 +320,7 @@ unsafe fn split_gemm<T: Element>(
                     Parallelism::None,
                 );
             } else {
+                let accumulate = prepare(mode, dst, n, 0..m, start..start + len);
                 gemm_raw(
                     (m, len, k),
                     (dst.add(start), n),
@@ -407,11 +482,8 @@ fn forward<T: Element>(
     let per_batch =
         work < BATCH_INNER_PARALLEL_WORK || count.is_multiple_of(threads) || count >= 8 * threads;
     if threads > 1 && count * work >= BATCH_PARALLEL_WORK && per_batch {
-        use rayon::prelude::*;
-        parallel::install(|| {
-            out.par_chunks_mut(m * n)
-                .enumerate()
-                .for_each(|(i, dst)| one(i, dst, Parallelism::None));
+        parallel::for_chunks(&mut out, m * n, true, |i, dst| {
+            one(i, dst, Parallelism::None)
         });
     } else {
         let par = inner_par(work);
@@ -778,7 +850,11 @@ mod tests {
                         split_gemm(
                             (m, n, k),
                             got.as_mut_ptr(),
-                            accumulate,
+                            if accumulate {
+                                super::Start::Keep
+                            } else {
+                                super::Start::Zero
+                            },
                             a.as_ptr(),
                             a_strides,
                             b.as_ptr(),

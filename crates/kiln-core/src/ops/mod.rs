@@ -10,6 +10,7 @@ pub mod dropout;
 pub mod index;
 pub mod inplace;
 pub mod kernels;
+pub mod linear;
 pub mod matmul;
 pub mod pool;
 pub mod pow;

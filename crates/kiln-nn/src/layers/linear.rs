@@ -124,11 +124,7 @@ impl Forward for Linear {
     /// `x.matmul(Wᵀ) + b` for `x` of shape `[.., in]` (`Wᵀ` is a strided view, not a copy),
     /// passed through the adapter when one is set.
     fn forward(&self, x: &Tensor) -> Tensor {
-        let y = x.matmul(&self.weight.t());
-        let y = match &self.bias {
-            Some(b) => y.add(b),
-            None => y,
-        };
+        let y = x.linear(&self.weight, self.bias.as_deref());
         match self.adapter.get() {
             Some(a) => a.adapt(x, y),
             None => y,
