@@ -130,6 +130,48 @@ pub fn for_chunks<T: Send>(
     });
 }
 
+/// Runs `f(index, a_piece, b_piece)` over matching pieces of two buffers: piece `i` is
+/// `a[i·a_chunk..]` (`a_chunk` elements, the last may be shorter) and `b[i·b_chunk..]`, through
+/// [`run_parts`] when `par`, else in order on the calling thread.
+///
+/// # Panics
+/// When the buffers do not split into the same number of pieces.
+pub fn for_chunk_pairs<A: Send, B: Send>(
+    a: &mut [A],
+    a_chunk: usize,
+    b: &mut [B],
+    b_chunk: usize,
+    par: bool,
+    f: impl Fn(usize, &mut [A], &mut [B]) + Sync,
+) {
+    let (na, nb) = (a.len(), b.len());
+    let parts = na.div_ceil(a_chunk.max(1));
+    assert!(
+        a_chunk > 0 && b_chunk > 0 && parts == nb.div_ceil(b_chunk),
+        "for_chunk_pairs: {na} elements by {a_chunk} and {nb} by {b_chunk} differ in pieces"
+    );
+    if !par || parts <= 1 {
+        for (i, (pa, pb)) in a.chunks_mut(a_chunk).zip(b.chunks_mut(b_chunk)).enumerate() {
+            f(i, pa, pb);
+        }
+        return;
+    }
+    // Raw pointers are not Sync; the pieces are disjoint.
+    let (base_a, base_b) = (a.as_mut_ptr() as usize, b.as_mut_ptr() as usize);
+    run_parts(parts, &|i| {
+        let (sa, sb) = (i * a_chunk, i * b_chunk);
+        // SAFETY: piece `i` of each buffer lies inside it (both outlive the call), and every
+        // index runs once, so no two pieces alias.
+        let (pa, pb) = unsafe {
+            (
+                std::slice::from_raw_parts_mut((base_a as *mut A).add(sa), a_chunk.min(na - sa)),
+                std::slice::from_raw_parts_mut((base_b as *mut B).add(sb), b_chunk.min(nb - sb)),
+            )
+        };
+        f(i, pa, pb)
+    });
+}
+
 /// Splits `out` into chunks and runs `f(chunk_start, chunk)` on each, in parallel when `out`
 /// is at least `PARALLEL_THRESHOLD` long and more than one thread is allowed.
 pub fn for_each_chunk<T: Send>(out: &mut [T], f: impl Fn(usize, &mut [T]) + Sync) {
@@ -246,6 +288,13 @@ mod tests {
                 }
             });
             assert!(buf.iter().enumerate().all(|(i, &v)| v == i));
+            let (mut rows, mut marks) = (vec![0usize; 70], vec![0usize; 7]);
+            for_chunk_pairs(&mut rows, 30, &mut marks, 3, true, |i, r, m| {
+                r.iter_mut().for_each(|v| *v = i);
+                m.iter_mut().for_each(|v| *v = i + 1);
+            });
+            assert!(rows.iter().enumerate().all(|(k, &v)| v == k / 30));
+            assert_eq!(marks, [1, 1, 1, 2, 2, 2, 3]);
             let r = std::panic::catch_unwind(|| {
                 run_parts(4, &|i| {
                     if i == 2 {

@@ -7,7 +7,7 @@
 
 use crate::{Buffer, Forward, Module, Param, TrainFlag};
 use kiln_core::alloc::Buffer as Buf;
-use kiln_core::parallel::{num_threads, PARALLEL_THRESHOLD};
+use kiln_core::parallel::{for_chunks, num_threads, PARALLEL_THRESHOLD};
 use kiln_core::{with_no_grad, DType, Element, Float, GradFn, Tensor};
 use std::sync::Arc;
 
@@ -54,17 +54,15 @@ fn per_channel<R: Send>(g: Geom, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
         return (0..g.c).map(f).collect();
     }
     let per = g.c.div_ceil(t);
-    std::thread::scope(|scope| {
-        let f = &f;
-        let handles: Vec<_> = (0..g.c)
-            .step_by(per)
-            .map(|c0| scope.spawn(move || (c0..(c0 + per).min(g.c)).map(f).collect::<Vec<R>>()))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
-    })
+    let mut out: Vec<Option<R>> = (0..g.c).map(|_| None).collect();
+    for_chunks(&mut out, per, true, |i, slots| {
+        for (k, slot) in slots.iter_mut().enumerate() {
+            *slot = Some(f(i * per + k));
+        }
+    });
+    out.into_iter()
+        .map(|r| r.expect("every channel ran"))
+        .collect()
 }
 
 /// `f(channel, block_index, out_block)` over the `(n, c)` blocks of `out`, blocks split
@@ -85,12 +83,7 @@ fn per_block<T: Send>(g: Geom, out: &mut [T], f: impl Fn(usize, usize, &mut [T])
         return run(0, out);
     }
     let per = blocks.div_ceil(t);
-    std::thread::scope(|scope| {
-        for (i, chunk) in out.chunks_mut(per * g.s).enumerate() {
-            let run = &run;
-            scope.spawn(move || run(i * per, chunk));
-        }
-    });
+    for_chunks(out, per * g.s, true, |i, chunk| run(i * per, chunk));
 }
 
 /// The blocks of channel `ch`: `x[(i·C + ch)·S ..][..S]` for every batch index `i`.

@@ -5,9 +5,9 @@
 
 use crate::{Forward, Module, Param};
 use kiln_core::alloc::Buffer;
-use kiln_core::parallel::{num_threads, run_parts, PARALLEL_THRESHOLD};
+use kiln_core::parallel::{for_chunk_pairs, num_threads, PARALLEL_THRESHOLD};
 use kiln_core::{Element, Float, GradFn, Layout, Storage, Tensor};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 // ---------------------------------------------------------------------- kernels
 
@@ -30,22 +30,10 @@ fn par_rows<A: Send, B: Send, R: Send>(
         return vec![f(0, a, b)];
     }
     let per = rows.div_ceil(tasks);
-    let parts = rows.div_ceil(per);
-    let results: Vec<std::sync::Mutex<Option<R>>> =
-        (0..parts).map(|_| std::sync::Mutex::new(None)).collect();
-    // Raw pointers are not Sync; part `i` takes rows `i·per..` of both buffers, disjoint.
-    let (pa, pb) = (a.as_mut_ptr() as usize, b.as_mut_ptr() as usize);
-    run_parts(parts, &|i| {
-        let (r0, len) = (i * per, per.min(rows - i * per));
-        // SAFETY: rows `r0..r0 + len` lie inside `a` and `b`, which outlive the call, and no
-        // other part touches them.
-        let (a, b) = unsafe {
-            (
-                std::slice::from_raw_parts_mut((pa as *mut A).add(r0 * n), len * n),
-                std::slice::from_raw_parts_mut((pb as *mut B).add(r0), len),
-            )
-        };
-        *results[i].lock().unwrap() = Some(f(r0, a, b));
+    let results: Vec<Mutex<Option<R>>> =
+        (0..rows.div_ceil(per)).map(|_| Mutex::new(None)).collect();
+    for_chunk_pairs(a, per * n, b, per, true, |i, a, b| {
+        *results[i].lock().unwrap() = Some(f(i * per, a, b));
     });
     results
         .into_iter()

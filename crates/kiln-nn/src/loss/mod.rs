@@ -28,9 +28,12 @@ pub use pointwise::{
     SmoothL1Loss,
 };
 
-use kiln_core::parallel::{num_threads, PARALLEL_THRESHOLD};
+use kiln_core::parallel::{
+    for_chunk_pairs, for_chunks, num_threads, run_parts, PARALLEL_THRESHOLD,
+};
 use kiln_core::{Float, Tensor};
 use std::ops::Range;
+use std::sync::Mutex;
 
 /// How a loss combines its per-element (or per-sample) values, as PyTorch's `reduction`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -117,17 +120,12 @@ pub(crate) fn par_sum(n: usize, cost: usize, f: impl Fn(Range<usize>) -> f64 + S
         return f(0..n);
     }
     let per = n.div_ceil(tasks);
-    let f = &f;
-    std::thread::scope(|sc| {
-        let handles: Vec<_> = (0..n)
-            .step_by(per)
-            .map(|start| sc.spawn(move || f(start..(start + per).min(n))))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("loss kernel task panicked"))
-            .sum()
-    })
+    let sums: Vec<Mutex<f64>> = (0..n.div_ceil(per)).map(|_| Mutex::new(0.0)).collect();
+    run_parts(sums.len(), &|i| {
+        *sums[i].lock().unwrap() = f(i * per..((i + 1) * per).min(n));
+    });
+    // Added in part order, as before: the result does not depend on which thread ran what.
+    sums.into_iter().map(|s| s.into_inner().unwrap()).sum()
 }
 
 /// Runs `f(start, a_chunk, b_chunk)` over matching chunks of `a` and `b` (equal lengths, one
@@ -145,12 +143,7 @@ pub(crate) fn par_chunks2<A: Send, B: Send>(
         return f(0, a, b);
     }
     let per = n.div_ceil(tasks);
-    let f = &f;
-    std::thread::scope(|sc| {
-        for (i, (ca, cb)) in a.chunks_mut(per).zip(b.chunks_mut(per)).enumerate() {
-            sc.spawn(move || f(i * per, ca, cb));
-        }
-    });
+    for_chunk_pairs(a, per, b, per, true, |i, ca, cb| f(i * per, ca, cb));
 }
 
 /// Runs `f(first_block, chunk)` over chunks of `out` made of whole blocks of `block`
@@ -165,12 +158,7 @@ pub(crate) fn par_blocks<T: Send>(out: &mut [T], block: usize, f: impl Fn(usize,
     if tasks == 1 {
         return f(0, out);
     }
-    let f = &f;
-    std::thread::scope(|sc| {
-        for (i, chunk) in out.chunks_mut(per * block).enumerate() {
-            sc.spawn(move || f(i * per, chunk));
-        }
-    });
+    for_chunks(out, per * block, true, |i, chunk| f(i * per, chunk));
 }
 
 /// The elements of a contiguous tensor of dtype `T`.
