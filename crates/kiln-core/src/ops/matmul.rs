@@ -212,6 +212,10 @@ enum Start<T> {
     Row(*const T),
 }
 
+// SAFETY: a `Row` pointer is only read, by every share, while the caller keeps it alive.
+unsafe impl<T> Send for Start<T> {}
+unsafe impl<T> Sync for Start<T> {}
+
 /// Writes `row[cols]` into rows `rows` of `dst` (rows `n` apart), then returns the `accumulate`
 /// flag gemm needs for `start`.
 ///
@@ -286,12 +290,7 @@ unsafe fn split_gemm<T: Element>(
     let share = extent.div_ceil(parts).next_multiple_of(SPLIT_ALIGN);
     // Raw pointers are not Send; the shares address disjoint blocks of `dst`.
     let (dst, a, b) = (dst as usize, a as usize, b as usize);
-    // The mode as plain integers, for the same reason.
-    let init = match start {
-        Start::Zero => (0, 0),
-        Start::Keep => (1, 0),
-        Start::Row(row) => (2, row as usize),
-    };
+    let mode = start;
     let run = |i: usize| {
         let start = i * share;
         let len = share.min(extent.saturating_sub(start));
@@ -299,11 +298,6 @@ unsafe fn split_gemm<T: Element>(
             return;
         }
         let (dst, a, b) = (dst as *mut T, a as *const T, b as *const T);
-        let mode = match init {
-            (0, _) => Start::Zero,
-            (1, _) => Start::Keep,
-            (_, row) => Start::Row(row as *const T),
-        };
         // SAFETY: row (column) block `start..start + len` of `a` (`b`) and of `dst` lies inside
         // the operands the caller vouched for; the blocks of different shares do not overlap.
         unsafe {
