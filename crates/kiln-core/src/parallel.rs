@@ -118,9 +118,22 @@ pub fn for_chunks<T: Send>(
         }
         return;
     }
+    by_pieces(buf, chunk, run_parts, f);
+}
+
+/// Calls `dispatch(parts, run)`, where `run(i)` runs `f(i, piece)` on the `i`-th `chunk`-sized
+/// piece of `buf` (`chunk > 0`). `dispatch` must run every index below `parts` once and return
+/// only when all have finished ([`run_parts`], or the spinning team).
+fn by_pieces<T: Send>(
+    buf: &mut [T],
+    chunk: usize,
+    dispatch: impl FnOnce(usize, &(dyn Fn(usize) + Sync)),
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let n = buf.len();
     // Raw pointers are not Sync; the pieces are disjoint.
     let base = buf.as_mut_ptr() as usize;
-    run_parts(parts, &|i| {
+    dispatch(n.div_ceil(chunk), &|i| {
         let start = i * chunk;
         let len = chunk.min(n - start);
         // SAFETY: piece `i` is `start..start + len` of `buf`, which outlives the call; every
@@ -204,24 +217,16 @@ pub fn for_each_split<T: Send>(
         return f(0, out);
     }
     let part = n.div_ceil(threads).div_ceil(align) * align;
-    let parts = n.div_ceil(part);
-    let base = out.as_mut_ptr() as usize;
-    let run = |i: usize| {
-        let start = i * part;
-        let len = part.min(n - start);
-        // SAFETY: part `i` is `start..start + len` of `out`, which outlives the call; every
-        // index runs once, so no two parts alias.
-        let chunk = unsafe { std::slice::from_raw_parts_mut((base as *mut T).add(start), len) };
-        f(start, chunk)
-    };
     // Back-to-back splits (a decoded token's products) go to the spinning team when it is free.
-    if parts <= crate::team::MAX_PARTS
-        && crate::team::enabled()
-        && crate::team::team(threads).try_run(parts, &run)
-    {
-        return;
-    }
-    run_parts(parts, &run);
+    let dispatch = |parts: usize, run: &(dyn Fn(usize) + Sync)| {
+        let on_team = parts <= crate::team::MAX_PARTS
+            && crate::team::enabled()
+            && crate::team::team(threads).try_run(parts, run);
+        if !on_team {
+            run_parts(parts, run);
+        }
+    };
+    by_pieces(out, part, dispatch, |i, c| f(i * part, c));
 }
 
 #[cfg(test)]

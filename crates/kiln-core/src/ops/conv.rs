@@ -16,7 +16,7 @@ use crate::alloc::Buffer;
 use crate::autograd::GradFn;
 use crate::dispatch_float;
 use crate::dtype::Float;
-use crate::ops::matmul::{gemm_acc_into, gemm_into};
+use crate::ops::matmul::{gemm_into, Start};
 use crate::parallel::{self, PARALLEL_THRESHOLD};
 use crate::shape::Shape;
 use crate::tensor::Tensor;
@@ -417,27 +417,16 @@ fn mm<T: Float>(
     // SAFETY: every element addressed lies inside `a`, `b` and `dst` (checked above), and
     // `dst` is a distinct mutable slice.
     unsafe {
-        if accumulate {
-            gemm_acc_into(
-                (m, n, k),
-                dst.as_mut_ptr(),
-                a.as_ptr(),
-                (a_rs, a_cs),
-                b.as_ptr(),
-                (b_rs, b_cs),
-                par,
-            );
-        } else {
-            gemm_into(
-                (m, n, k),
-                dst.as_mut_ptr(),
-                a.as_ptr(),
-                (a_rs, a_cs),
-                b.as_ptr(),
-                (b_rs, b_cs),
-                par,
-            );
-        }
+        gemm_into(
+            (m, n, k),
+            dst.as_mut_ptr(),
+            if accumulate { Start::Keep } else { Start::Zero },
+            a.as_ptr(),
+            (a_rs, a_cs),
+            b.as_ptr(),
+            (b_rs, b_cs),
+            par,
+        );
     }
 }
 

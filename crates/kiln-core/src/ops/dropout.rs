@@ -70,15 +70,8 @@ fn draw_mask_on(path: Isa, n: usize, threshold: u64, seed: u64) -> Buffer<u64> {
             group.copy_from_slice(&acc[..group.len()]);
         }
     };
-    if n >= PARALLEL_THRESHOLD && num_threads() > 1 {
-        crate::parallel::for_chunks(&mut bits, WORDS_PER_BLOCK, true, |b, words| {
-            fill_block(b, words)
-        });
-    } else {
-        for (b, words) in bits.chunks_mut(WORDS_PER_BLOCK).enumerate() {
-            fill_block(b, words);
-        }
-    }
+    let par = n >= PARALLEL_THRESHOLD && num_threads() > 1;
+    crate::parallel::for_chunks(&mut bits, WORDS_PER_BLOCK, par, fill_block);
     bits
 }
 

@@ -9,7 +9,7 @@
 use crate::autograd::GradFn;
 use crate::dispatch_float;
 use crate::dtype::Element;
-use crate::ops::matmul::{gemm_bias_into, GEMM_PARALLEL_WORK};
+use crate::ops::matmul::{gemm_into, Start, GEMM_PARALLEL_WORK};
 use crate::parallel;
 use crate::tensor::Tensor;
 use gemm::Parallelism;
@@ -111,10 +111,10 @@ impl Tensor {
                 // as the `[k, n]` matrix wᵀ: row stride ws1, column stride ws0) and the `n`
                 // bias values lie inside their storages, and `out` is a fresh `m × n` buffer.
                 unsafe {
-                    gemm_bias_into(
+                    gemm_into(
                         (m, n, k),
                         out.as_mut_ptr(),
-                        sb.as_ptr().add(b.layout().offset()),
+                        Start::Row(sb.as_ptr().add(b.layout().offset())),
                         sx.as_ptr().add(x.layout().offset()),
                         (k, 1),
                         sw.as_ptr().add(weight.layout().offset()),

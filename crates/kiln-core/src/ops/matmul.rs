@@ -146,69 +146,15 @@ fn plan(a: &Tensor, b: &Tensor) -> (Shape, DimVec, Operand, Operand) {
     (Shape::from(out), batch, oa, ob)
 }
 
-/// `dst[m × n] = a[m × k] · b[k × n]` with the given element strides; `dst` rows are `n` apart.
-///
-/// # Safety
-/// Every element addressed through the pointers and strides must be inside its allocation, and
-/// `dst` must not overlap `a` or `b`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_into<T: Element>(
-    mnk: (usize, usize, usize),
-    dst: *mut T,
-    a: *const T,
-    a_strides: (usize, usize),
-    b: *const T,
-    b_strides: (usize, usize),
-    par: Parallelism,
-) {
-    split_gemm(mnk, dst, Start::Zero, a, a_strides, b, b_strides, par);
-}
-
-/// `dst[m × n] += a[m × k] · b[k × n]` with the given element strides; `dst` rows are `n` apart.
-///
-/// # Safety
-/// As for [`gemm_into`].
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_acc_into<T: Element>(
-    mnk: (usize, usize, usize),
-    dst: *mut T,
-    a: *const T,
-    a_strides: (usize, usize),
-    b: *const T,
-    b_strides: (usize, usize),
-    par: Parallelism,
-) {
-    split_gemm(mnk, dst, Start::Keep, a, a_strides, b, b_strides, par);
-}
-
-/// `dst[m × n] = bias + a[m × k] · b[k × n]`, `bias` (`n` values) added to every row: each
-/// thread writes the bias into its share of `dst` and lets gemm accumulate onto it, so the
-/// bias costs no pass of its own (as `torch.addmm`).
-///
-/// # Safety
-/// As for [`gemm_into`], and `bias` must address `n` values.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_bias_into<T: Element>(
-    mnk: (usize, usize, usize),
-    dst: *mut T,
-    bias: *const T,
-    a: *const T,
-    a_strides: (usize, usize),
-    b: *const T,
-    b_strides: (usize, usize),
-    par: Parallelism,
-) {
-    split_gemm(mnk, dst, Start::Row(bias), a, a_strides, b, b_strides, par);
-}
-
-/// What `dst` holds before [`split_gemm`] adds the product.
+/// What `dst` holds before [`gemm_into`] adds the product.
 #[derive(Clone, Copy)]
-enum Start<T> {
+pub(crate) enum Start<T> {
     /// Nothing: `dst = a·b`.
     Zero,
     /// Its current values: `dst += a·b`.
     Keep,
-    /// The `n` values at the pointer, in every row: `dst = row + a·b`.
+    /// The `n` values at the pointer, in every row: `dst = row + a·b` (a bias, written by each
+    /// thread into its share of `dst` so that it costs no pass of its own, as `torch.addmm`).
     Row(*const T),
 }
 
@@ -249,16 +195,23 @@ unsafe fn prepare<T: Element>(
 /// micro-kernel tiles.
 const SPLIT_ALIGN: usize = 16;
 
+/// `dst[m × n] = init + a[m × k] · b[k × n]` with the given element strides (see [`Start`]);
+/// `dst` rows are `n` apart.
+///
 /// `Parallelism::Rayon(t)` is served by splitting the product into `t` independent products
 /// over row blocks of `a` (or column blocks of `b` when `a` is short and `b` wide), each run on
 /// one thread without synchronisation inside gemm. On 2 cores this beat gemm's own threading on
 /// every shape of a BERT layer: +5–10 % on the forward products and +30–40 % on the weight
 /// gradients (384 × 384 × 4096), where gemm's split leaves a thread idle.
+///
+/// # Safety
+/// Every element addressed through the pointers and strides must be inside its allocation, a
+/// [`Start::Row`] pointer must address `n` values, and `dst` must not overlap `a` or `b`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn split_gemm<T: Element>(
+pub(crate) unsafe fn gemm_into<T: Element>(
     (m, n, k): (usize, usize, usize),
     dst: *mut T,
-    start: Start<T>,
+    init: Start<T>,
     a: *const T,
     (a_rs, a_cs): (usize, usize),
     b: *const T,
@@ -274,7 +227,7 @@ unsafe fn split_gemm<T: Element>(
     let parts = threads.min(extent / SPLIT_ALIGN);
     if parts <= 1 {
         // SAFETY: `dst` is the whole `m × n` output.
-        let accumulate = unsafe { prepare(start, dst, n, 0..m, 0..n) };
+        let accumulate = unsafe { prepare(init, dst, n, 0..m, 0..n) };
         gemm_raw(
             (m, n, k),
             (dst, n),
@@ -290,7 +243,6 @@ unsafe fn split_gemm<T: Element>(
     let share = extent.div_ceil(parts).next_multiple_of(SPLIT_ALIGN);
     // Raw pointers are not Send; the shares address disjoint blocks of `dst`.
     let (dst, a, b) = (dst as usize, a as usize, b as usize);
-    let mode = start;
     let run = |i: usize| {
         let start = i * share;
         let len = share.min(extent.saturating_sub(start));
@@ -302,7 +254,7 @@ unsafe fn split_gemm<T: Element>(
         // the operands the caller vouched for; the blocks of different shares do not overlap.
         unsafe {
             if by_rows {
-                let accumulate = prepare(mode, dst, n, start..start + len, 0..n);
+                let accumulate = prepare(init, dst, n, start..start + len, 0..n);
                 gemm_raw(
                     (len, n, k),
                     (dst.add(start * n), n),
@@ -314,7 +266,7 @@ unsafe fn split_gemm<T: Element>(
                     Parallelism::None,
                 );
             } else {
-                let accumulate = prepare(mode, dst, n, 0..m, start..start + len);
+                let accumulate = prepare(init, dst, n, 0..m, start..start + len);
                 gemm_raw(
                     (m, len, k),
                     (dst.add(start), n),
@@ -444,6 +396,7 @@ fn forward<T: Element>(
             gemm_into(
                 (rows, n, k),
                 out.as_mut_ptr(),
+                Start::Zero,
                 sa.as_ptr().add(oa.offset),
                 (rs, oa.cs),
                 sb.as_ptr().add(ob.offset),
@@ -463,6 +416,7 @@ fn forward<T: Element>(
             gemm_into(
                 (m, n, k),
                 dst.as_mut_ptr(),
+                Start::Zero,
                 sa.as_ptr().add(pa),
                 (oa.rs, oa.cs),
                 sb.as_ptr().add(pb),
@@ -599,7 +553,7 @@ impl Tensor {
 
 #[cfg(test)]
 mod tests {
-    use super::{gemm_raw, split_gemm};
+    use super::{gemm_into, gemm_raw};
     use crate::gradcheck::{gradcheck, randn_f64};
     use crate::{DType, Tensor};
     use gemm::Parallelism;
@@ -841,7 +795,7 @@ mod tests {
                     got.copy_from_slice(&init);
                     // SAFETY: as above.
                     unsafe {
-                        split_gemm(
+                        gemm_into(
                             (m, n, k),
                             got.as_mut_ptr(),
                             if accumulate {

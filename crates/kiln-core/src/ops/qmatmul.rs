@@ -9,7 +9,7 @@
 //! - [`Tensor::qmatmul_q8`]: the activations are quantised too (per block of 32, to 8 bits, as
 //!   llama.cpp does) and the block dot products are integer ones: faster, slightly less exact.
 
-use super::matmul::gemm_into;
+use super::matmul::{gemm_into, Start};
 #[cfg(target_arch = "x86_64")]
 use super::qpanels::{Panels, GROUP};
 use crate::alloc::Buffer;
@@ -1136,6 +1136,7 @@ fn forward_tiles(x: &[f32], m: usize, w: &QMatrix) -> Buffer<f32> {
             gemm_into(
                 (m, rows, k),
                 part.as_mut_ptr(),
+                Start::Zero,
                 x.as_ptr(),
                 (k, 1),
                 wt.as_ptr(),

@@ -28,12 +28,9 @@ pub use pointwise::{
     SmoothL1Loss,
 };
 
-use kiln_core::parallel::{
-    for_chunk_pairs, for_chunks, num_threads, run_parts, PARALLEL_THRESHOLD,
-};
+use kiln_core::parallel::{for_chunk_pairs, for_chunks, num_threads, PARALLEL_THRESHOLD};
 use kiln_core::{Float, Tensor};
 use std::ops::Range;
-use std::sync::Mutex;
 
 /// How a loss combines its per-element (or per-sample) values, as PyTorch's `reduction`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -120,12 +117,12 @@ pub(crate) fn par_sum(n: usize, cost: usize, f: impl Fn(Range<usize>) -> f64 + S
         return f(0..n);
     }
     let per = n.div_ceil(tasks);
-    let sums: Vec<Mutex<f64>> = (0..n.div_ceil(per)).map(|_| Mutex::new(0.0)).collect();
-    run_parts(sums.len(), &|i| {
-        *sums[i].lock().unwrap() = f(i * per..((i + 1) * per).min(n));
+    let mut sums = vec![0.0; n.div_ceil(per)];
+    for_chunks(&mut sums, 1, true, |i, s| {
+        s[0] = f(i * per..((i + 1) * per).min(n))
     });
-    // Added in part order, as before: the result does not depend on which thread ran what.
-    sums.into_iter().map(|s| s.into_inner().unwrap()).sum()
+    // Added in part order: the result does not depend on which thread ran what.
+    sums.iter().sum()
 }
 
 /// Runs `f(start, a_chunk, b_chunk)` over matching chunks of `a` and `b` (equal lengths, one
