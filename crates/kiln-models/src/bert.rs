@@ -414,19 +414,109 @@ impl BertConfig {
 
 // ---------------------------------------------------------------------- modules
 
+/// `N(0, std²)` samples of `shape` (drawn in f32, then converted to `dtype`), with an optional
+/// padding row set to zero.
+fn draw_normal(
+    shape: &[usize],
+    std: f64,
+    pad_row: Option<usize>,
+    dtype: DType,
+    rng: &mut Rng,
+) -> Tensor {
+    let t = Tensor::zeros(shape);
+    init::normal_(&t, 0.0, std, rng);
+    let t = t.to_dtype(dtype);
+    let Some(p) = pad_row else { return t };
+    let dim = shape[1];
+    let mut data = t.to_f64_vec();
+    data[p * dim..(p + 1) * dim].fill(0.0);
+    Tensor::from_vec(data, shape).to_dtype(dtype)
+}
+
 /// Fresh weights as HF's `BertPreTrainedModel._init_weights` makes them: `N(0, std)` for
 /// linear and embedding weights, zero biases, unit layer norms.
 struct Init<'a> {
     rng: &'a mut Rng,
     dtype: DType,
     std: f64,
+    /// `Some` while building a model whose weights a checkpoint will supply: see [`Deferred`].
+    deferred: Option<Vec<Deferred>>,
 }
 
-impl Init<'_> {
+/// A normal-initialised weight of a model built for loading. It is left at zero and the
+/// generator only skips over its draws (about 3 ns a sample instead of 40: Box–Muller's `ln`
+/// and `cos`); the state it started from is kept, so a weight the checkpoint lacks (a new
+/// classifier) gets exactly the values an eagerly built model would have: same seed, same
+/// numbers. Loading MiniLM went from 1.4–1.9 s to 0.23–0.33 s.
+struct Deferred {
+    dims: Vec<usize>,
+    rng: Rng,
+    std: f64,
+    /// An embedding's padding row, zeroed after the draws.
+    pad_row: Option<usize>,
+}
+
+impl<'a> Init<'a> {
+    /// Draws every weight now (`defer` false), or defers them for a checkpoint to fill.
+    fn new(rng: &'a mut Rng, dtype: DType, std: f64, defer: bool) -> Self {
+        Init {
+            rng,
+            dtype,
+            std,
+            deferred: defer.then(Vec::new),
+        }
+    }
+
     fn normal(&mut self, shape: &[usize]) -> Tensor {
-        let t = Tensor::zeros(shape);
-        init::normal_(&t, 0.0, self.std, self.rng);
-        t.to_dtype(self.dtype)
+        self.normal_padded(shape, None)
+    }
+
+    fn normal_padded(&mut self, shape: &[usize], pad_row: Option<usize>) -> Tensor {
+        if let Some(deferred) = &mut self.deferred {
+            deferred.push(Deferred {
+                dims: shape.to_vec(),
+                rng: self.rng.clone(),
+                std: self.std,
+                pad_row,
+            });
+            // `Rng::next_normal` takes two draws per sample.
+            for _ in 0..2 * shape.iter().product::<usize>() {
+                self.rng.next_u64();
+            }
+            return Tensor::zeros_dtype(shape, self.dtype);
+        }
+        draw_normal(shape, self.std, pad_row, self.dtype, self.rng)
+    }
+
+    /// Draws the deferred weights of `model` that `missing` names (the ones the checkpoint did
+    /// not supply). Construction draws the Linear and Embedding weights in the order the module
+    /// tree lists them (biases and layer norms take no draws), which pairs each deferred draw
+    /// with its parameter; the shapes are checked.
+    fn draw_missing(self, model: &dyn Module, missing: &[String]) {
+        let Some(deferred) = self.deferred else {
+            return;
+        };
+        let drawn: Vec<_> = model
+            .named_parameters()
+            .into_iter()
+            .filter(|(name, _)| name.ends_with(".weight") && !name.contains("LayerNorm"))
+            .collect();
+        assert_eq!(
+            drawn.len(),
+            deferred.len(),
+            "BERT: deferred initialisation does not pair with the parameters"
+        );
+        for ((name, param), mut d) in drawn.into_iter().zip(deferred) {
+            assert_eq!(
+                param.tensor().dims(),
+                d.dims.as_slice(),
+                "BERT: deferred draw for {name} has another shape"
+            );
+            if missing.contains(&name) {
+                let t = draw_normal(&d.dims, d.std, d.pad_row, self.dtype, &mut d.rng);
+                param.tensor().assign(&t);
+            }
+        }
     }
 
     fn linear(&mut self, input: usize, output: usize) -> Linear {
@@ -435,13 +525,7 @@ impl Init<'_> {
     }
 
     fn embedding(&mut self, n: usize, dim: usize, pad: Option<usize>) -> Embedding {
-        let w = self.normal(&[n, dim]);
-        if let Some(p) = pad {
-            let mut data = w.to_f64_vec();
-            data[p * dim..(p + 1) * dim].fill(0.0);
-            return Embedding::from_weights(Tensor::from_vec(data, [n, dim]).to_dtype(self.dtype));
-        }
-        Embedding::from_weights(w)
+        Embedding::from_weights(self.normal_padded(&[n, dim], pad))
     }
 
     fn layer_norm(&self, dim: usize, eps: f64) -> LayerNorm {
@@ -785,21 +869,22 @@ impl BertModel {
     /// A freshly initialised model of `dtype` (f32 or f64), with or without pooler. Panics
     /// when `config` is invalid (sizes, heads not dividing the hidden size).
     pub fn with_dtype(config: &BertConfig, dtype: DType, pooler: bool, rng: &mut Rng) -> Self {
+        let mut init = Init::new(rng, dtype, config.initializer_range, false);
+        Self::build(config, pooler, &mut init)
+    }
+
+    fn build(config: &BertConfig, pooler: bool, init: &mut Init) -> Self {
         if let Err((field, msg)) = config.validate() {
             panic!("BertModel: invalid config: {field} {msg}");
         }
         assert!(
-            dtype.is_float(),
-            "BertModel: dtype must be f32 or f64, got {dtype}"
+            init.dtype.is_float(),
+            "BertModel: dtype must be f32 or f64, got {}",
+            init.dtype
         );
-        let mut init = Init {
-            rng,
-            dtype,
-            std: config.initializer_range,
-        };
-        let embeddings = BertEmbeddings::new(config, &mut init);
+        let embeddings = BertEmbeddings::new(config, init);
         let layer = (0..config.num_hidden_layers)
-            .map(|_| BertLayer::new(config, &mut init))
+            .map(|_| BertLayer::new(config, init))
             .collect();
         let pooler = pooler.then(|| BertPooler {
             dense: init.linear(config.hidden_size, config.hidden_size),
@@ -907,8 +992,11 @@ impl BertModel {
     ) -> Result<(Self, LoadReport), ModelError> {
         let dir = dir.as_ref();
         let config = opts.config(dir)?;
-        let model = Self::new(&config, &mut Rng::new(opts.seed));
+        let mut rng = Rng::new(opts.seed);
+        let mut init = Init::new(&mut rng, DType::F32, config.initializer_range, true);
+        let model = Self::build(&config, true, &mut init);
         let report = load_weights(&model, "BertModel", dir, false, opts.strict)?;
+        init.draw_missing(&model, &report.missing);
         Ok((model, report))
     }
 
@@ -975,18 +1063,8 @@ pub struct BertForTokenClassification {
     pub classifier: Linear,
 }
 
-fn head_parts(
-    config: &BertConfig,
-    dtype: DType,
-    pooler: bool,
-    rng: &mut Rng,
-) -> (BertModel, Dropout, Linear) {
-    let bert = BertModel::with_dtype(config, dtype, pooler, rng);
-    let mut init = Init {
-        rng,
-        dtype,
-        std: config.initializer_range,
-    };
+fn head_parts(config: &BertConfig, pooler: bool, init: &mut Init) -> (BertModel, Dropout, Linear) {
+    let bert = BertModel::build(config, pooler, init);
     let p = config
         .classifier_dropout
         .unwrap_or(config.hidden_dropout_prob);
@@ -1005,7 +1083,8 @@ macro_rules! head_common {
 
             /// A freshly initialised model of `dtype` (f32 or f64).
             pub fn with_dtype(config: &BertConfig, dtype: DType, rng: &mut Rng) -> Self {
-                let (bert, dropout, classifier) = head_parts(config, dtype, $pooler, rng);
+                let mut init = Init::new(rng, dtype, config.initializer_range, false);
+                let (bert, dropout, classifier) = head_parts(config, $pooler, &mut init);
                 $ty {
                     bert,
                     dropout,
@@ -1038,8 +1117,16 @@ macro_rules! head_common {
             ) -> Result<(Self, LoadReport), ModelError> {
                 let dir = dir.as_ref();
                 let config = opts.config(dir)?;
-                let model = Self::new(&config, &mut Rng::new(opts.seed));
+                let mut rng = Rng::new(opts.seed);
+                let mut init = Init::new(&mut rng, DType::F32, config.initializer_range, true);
+                let (bert, dropout, classifier) = head_parts(&config, $pooler, &mut init);
+                let model = $ty {
+                    bert,
+                    dropout,
+                    classifier,
+                };
                 let report = load_weights(&model, stringify!($ty), dir, true, opts.strict)?;
+                init.draw_missing(&model, &report.missing);
                 Ok((model, report))
             }
 
@@ -1661,6 +1748,48 @@ mod tests {
         // Checkpoint keys come sorted.
         assert_eq!(report.unexpected, ["classifier.bias", "classifier.weight"]);
         assert_eq!(bare.state_dict().len(), report.loaded.len());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn loading_draws_only_the_missing_weights_and_the_same_values_as_an_eager_build() {
+        let dir = temp_dir("deferred");
+        let c = tiny();
+        let saved = BertModel::with_dtype(&c, DType::F32, false, &mut Rng::new(4));
+        saved.save_pretrained(&dir).unwrap();
+        let opts = LoadOptions::default().num_labels(3).seed(9);
+        let (seq, report) =
+            BertForSequenceClassification::from_pretrained_with(&dir, &opts).unwrap();
+        assert_eq!(
+            report.missing,
+            [
+                "bert.pooler.dense.weight",
+                "bert.pooler.dense.bias",
+                "classifier.weight",
+                "classifier.bias"
+            ]
+        );
+        // The new pooler and classifier: as `new` with the same seed draws them.
+        let eager = BertForSequenceClassification::new(seq.config(), &mut Rng::new(9));
+        let fresh = |m: &BertForSequenceClassification| {
+            let pooler = &m.bert.pooler.as_ref().unwrap().dense.weight;
+            (pooler.to_vec::<f32>(), m.classifier.weight.to_vec::<f32>())
+        };
+        let (pooler, classifier) = fresh(&seq);
+        assert_eq!((&pooler, &classifier), (&fresh(&eager).0, &fresh(&eager).1));
+        assert!(pooler.iter().chain(&classifier).all(|v| v.is_finite()));
+        assert!(pooler.iter().any(|&v| v != 0.0) && classifier.iter().any(|&v| v != 0.0));
+        // The encoder: the checkpoint's values, not the seed's.
+        let word = |m: &BertModel| m.embeddings.word_embeddings.weight.to_vec::<f32>();
+        assert_eq!(word(&seq.bert), word(&saved));
+        assert_ne!(word(&seq.bert), word(&eager.bert));
+        // The token head (no pooler) draws its classifier the same way.
+        let (tok, _) = BertForTokenClassification::from_pretrained_with(&dir, &opts).unwrap();
+        let eager_tok = BertForTokenClassification::new(tok.config(), &mut Rng::new(9));
+        assert_eq!(
+            tok.classifier.weight.to_vec::<f32>(),
+            eager_tok.classifier.weight.to_vec::<f32>()
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 

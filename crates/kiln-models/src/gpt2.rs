@@ -416,14 +416,20 @@ impl Gpt2Config {
 /// Fresh weights as HF's `GPT2PreTrainedModel._init_weights` makes them: `N(0, std)` for
 /// linear and embedding weights (`std / √(2 · n_layer)` for the residual projections `c_proj`),
 /// zero biases, unit layer norms.
+/// With `draw` false (a model whose every tensor a checkpoint will overwrite) the normal weights
+/// are left at zero: drawing them is most of the time a load would otherwise take.
 struct Init<'a> {
     rng: &'a mut Rng,
     dtype: DType,
     std: f64,
+    draw: bool,
 }
 
 impl Init<'_> {
     fn normal(&mut self, shape: &[usize], std: f64) -> Tensor {
+        if !self.draw {
+            return Tensor::zeros_dtype(shape, self.dtype);
+        }
         let t = Tensor::zeros(shape);
         init::normal_(&t, 0.0, std, self.rng);
         t.to_dtype(self.dtype)
@@ -681,6 +687,11 @@ pub struct Gpt2Model {
 impl Gpt2Model {
     /// A freshly initialised model of `dtype` (f32 or f64). Panics when `config` is invalid.
     pub fn with_dtype(config: &Gpt2Config, dtype: DType, rng: &mut Rng) -> Self {
+        Self::build(config, dtype, rng, true)
+    }
+
+    /// `with_dtype`, drawing the normal weights or (`draw` false) leaving them at zero.
+    fn build(config: &Gpt2Config, dtype: DType, rng: &mut Rng, draw: bool) -> Self {
         if let Err((field, msg)) = config.validate() {
             panic!("Gpt2Model: invalid config: {field} {msg}");
         }
@@ -692,6 +703,7 @@ impl Gpt2Model {
             rng,
             dtype,
             std: config.initializer_range,
+            draw,
         };
         let std = init.std;
         let wte = Embedding::from_weights(init.normal(&[config.vocab_size, config.n_embd], std));
@@ -878,10 +890,16 @@ impl GPT2LMHeadModel {
 
     /// A freshly initialised model of `dtype` (f32 or f64). Panics when `config` is invalid.
     pub fn with_dtype(config: &Gpt2Config, dtype: DType, rng: &mut Rng) -> Self {
-        let transformer = Gpt2Model::with_dtype(config, dtype, rng);
+        Self::build(config, dtype, rng, true)
+    }
+
+    fn build(config: &Gpt2Config, dtype: DType, rng: &mut Rng, draw: bool) -> Self {
+        let transformer = Gpt2Model::build(config, dtype, rng, draw);
         let lm_head = (!config.tie_word_embeddings).then(|| {
             let w = Tensor::zeros([config.vocab_size, config.n_embd]);
-            init::normal_(&w, 0.0, config.initializer_range, rng);
+            if draw {
+                init::normal_(&w, 0.0, config.initializer_range, rng);
+            }
             Linear::from_weights(w.to_dtype(dtype), None)
         });
         GPT2LMHeadModel {
@@ -955,7 +973,8 @@ impl GPT2LMHeadModel {
     pub fn from_pretrained(dir: impl AsRef<Path>) -> Result<Self, ModelError> {
         let dir = dir.as_ref();
         let config = Gpt2Config::from_file(dir.join("config.json"))?;
-        let mut model = Self::new(&config, &mut Rng::new(0));
+        // Every tensor comes from the checkpoint, so none is drawn first.
+        let mut model = Self::build(&config, DType::F32, &mut Rng::new(0), false);
         model.load_weights(&dir.join("model.safetensors"))?;
         model.tokenizer_files = gpt2_tokenizer_files(dir);
         Ok(model)
