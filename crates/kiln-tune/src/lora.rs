@@ -341,6 +341,30 @@ impl LinearAdapter for LoraLinear {
         base.add(&low.matmul(&self.lora_b.weight.t()))
     }
 
+    /// Without dropout: the base layer and the update in one op ([`Tensor::linear_low_rank`]),
+    /// which spares the update's own `[.., out]` tensor and, in backward, the second gradient
+    /// of `x`.
+    fn forward_with_base(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Option<Tensor> {
+        if self.is_merged()
+            || self.lora_dropout.is_some()
+            || std::env::var_os("KILN_NO_FUSED_LORA").is_some()
+        {
+            return None;
+        }
+        Some(x.linear_low_rank(
+            weight,
+            bias,
+            &self.lora_a.weight,
+            &self.lora_b.weight,
+            self.scaling,
+        ))
+    }
+
     /// `W += s · B·A`; an error when already merged or when `weight` has another shape.
     fn merge_into(&self, weight: &Tensor) -> Result<(), NnError> {
         self.check_weight(weight, "merge_into")?;

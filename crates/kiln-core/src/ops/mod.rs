@@ -11,6 +11,7 @@ pub mod index;
 pub mod inplace;
 pub mod kernels;
 pub mod linear;
+pub mod low_rank;
 pub mod matmul;
 pub mod pool;
 pub mod pow;

@@ -18,6 +18,19 @@ pub trait LinearAdapter: Module + Debug + Send + Sync + Any {
     /// The adapted output for input `x` `[.., in]` and base output `base` `[.., out]`.
     fn adapt(&self, x: &Tensor, base: Tensor) -> Tensor;
 
+    /// The adapted output of the layer (`weight` `[out, in]`, `bias`) for `x`, computed with the
+    /// base output in one op, when the adapter has such a path; `None` (the default) has the
+    /// layer compute `x·weightᵀ + bias` and call [`LinearAdapter::adapt`] on it.
+    fn forward_with_base(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Option<Tensor> {
+        let _ = (x, weight, bias);
+        None
+    }
+
     /// Folds the adapter into the layer's `weight` `[out, in]` in place, so that the base layer
     /// alone computes the adapted output (and `adapt` must then return `base` unchanged).
     /// Adapters that cannot be merged keep this default, which returns an error.

@@ -124,11 +124,13 @@ impl Forward for Linear {
     /// `x.matmul(Wᵀ) + b` for `x` of shape `[.., in]` (`Wᵀ` is a strided view, not a copy),
     /// passed through the adapter when one is set.
     fn forward(&self, x: &Tensor) -> Tensor {
-        let y = x.linear(&self.weight, self.bias.as_deref());
-        match self.adapter.get() {
-            Some(a) => a.adapt(x, y),
-            None => y,
-        }
+        let bias = self.bias.as_deref();
+        let Some(adapter) = self.adapter.get() else {
+            return x.linear(&self.weight, bias);
+        };
+        adapter
+            .forward_with_base(x, &self.weight, bias)
+            .unwrap_or_else(|| adapter.adapt(x, x.linear(&self.weight, bias)))
     }
 }
 
