@@ -391,17 +391,23 @@ def bert_table(kiln, torch_res, paired):
 
 
 def main_bert(args):
-    """The `--suite bert` run: per round, each workload on both sides back to back; then the
-    table. A workload's two sides run seconds apart, so a slow spell of the shared machine
+    """The `--suite bert` run: per round, each workload on both sides back to back (kiln first
+    in even rounds, PyTorch first in odd ones); then the table. A workload's two sides run seconds apart, so a slow spell of the shared machine
     tends to hit both; its paired ratios (kiln / torch within each round) show the spread."""
     exe = bench_bert_binary()
     kiln, torch_res = None, None
     paired = {}
-    for _ in range(max(1, args.rounds)):
+    for round_ in range(max(1, args.rounds)):
         for name in BERT_WORKLOADS:
-            k_res = run_kiln_bert(args, exe, name)
+            # Odd rounds run PyTorch first, so a drift of the machine's speed within a round
+            # does not always fall on the same side.
+            if round_ % 2:
+                t_res = run_torch_bert(args, name)
+                k_res = run_kiln_bert(args, exe, name)
+            else:
+                k_res = run_kiln_bert(args, exe, name)
+                t_res = run_torch_bert(args, name)
             args.threads = [t for t in args.threads if t <= k_res["max_threads"]]
-            t_res = run_torch_bert(args, name)
             t_by = {(r["name"], r["threads"]): r for r in t_res["results"]}
             for r in k_res["results"]:
                 key = (r["name"], r["threads"])
