@@ -16,7 +16,7 @@ use crate::alloc::Buffer;
 use crate::autograd::GradFn;
 use crate::dispatch_float;
 use crate::dtype::Float;
-use crate::ops::matmul::{gemm_into, Start};
+use crate::ops::matmul::{gemm_into, gemm_par, Start};
 use crate::parallel::{self, PARALLEL_THRESHOLD};
 use crate::shape::Shape;
 use crate::tensor::Tensor;
@@ -25,10 +25,6 @@ use gemm::Parallelism;
 /// Multiply-adds of a whole convolution (all batch items) from which it is split over threads:
 /// `8 · PARALLEL_THRESHOLD` = 2^19, the bar `matmul` uses for a batch of whole products.
 pub const CONV_PARALLEL_WORK: usize = 8 * PARALLEL_THRESHOLD;
-
-/// m·n·k of one gemm from which gemm's own threads are used (when the batch is not split):
-/// the single-product threshold of `matmul`.
-const GEMM_PARALLEL_WORK: usize = 1 << 20;
 
 /// A size given for both spatial dims at once (`2`) or per dim (`(2, 1)`: height, width).
 pub trait IntoPair {
@@ -522,16 +518,6 @@ fn batch_split(g: &Geom) -> Option<(usize, usize)> {
         let per = g.n.div_ceil(threads.min(g.n));
         (g.n.div_ceil(per), per)
     })
-}
-
-/// gemm's own threading for a product of `m·n·k` run outside a batch split.
-fn gemm_par(work: usize) -> Parallelism {
-    let threads = parallel::num_threads();
-    if threads > 1 && work >= GEMM_PARALLEL_WORK {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    }
 }
 
 fn col_len(g: &Geom) -> usize {

@@ -9,10 +9,8 @@
 use crate::autograd::GradFn;
 use crate::dispatch_float;
 use crate::dtype::Element;
-use crate::ops::matmul::{gemm_into, Start, GEMM_PARALLEL_WORK};
-use crate::parallel;
+use crate::ops::matmul::{gemm_into, gemm_par, Start};
 use crate::tensor::Tensor;
-use gemm::Parallelism;
 
 /// Backward of [`Tensor::linear`]; inputs `[x, weight, bias]`.
 struct LinearBackward {
@@ -93,12 +91,7 @@ impl Tensor {
         let m = x.elem_count() / k;
         let mut dims = self.dims().to_vec();
         *dims.last_mut().expect("rank >= 1") = n;
-        let threads = parallel::num_threads();
-        let par = if threads > 1 && m * n * k >= GEMM_PARALLEL_WORK {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        };
+        let par = gemm_par(m * n * k);
         let storage = dispatch_float!(self.dtype(), "linear", |T| {
             let mut out = crate::alloc::Buffer::<T>::uninit(m * n);
             if !out.is_empty() {
@@ -135,7 +128,7 @@ impl Tensor {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use crate::gradcheck::{gradcheck, randn_f64};
     use crate::{DType, Tensor};
 
@@ -144,7 +137,8 @@ mod tests {
         x.matmul(&w.t()).add(b)
     }
 
-    fn assert_close(got: &Tensor, want: &Tensor, tol: f64, what: &str) {
+    /// Same shape, and every element within `tol` (relative above 1, absolute below).
+    pub(crate) fn assert_close(got: &Tensor, want: &Tensor, tol: f64, what: &str) {
         assert_eq!(got.dims(), want.dims(), "{what}: shape");
         for (i, (g, w)) in got.to_f64_vec().iter().zip(want.to_f64_vec()).enumerate() {
             assert!(

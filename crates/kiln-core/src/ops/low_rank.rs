@@ -14,11 +14,9 @@ use crate::autograd::GradFn;
 use crate::dispatch_float;
 use crate::dtype::Float;
 use crate::layout::Layout;
-use crate::ops::matmul::{gemm_into, Start, GEMM_PARALLEL_WORK};
-use crate::parallel;
+use crate::ops::matmul::{gemm_into, gemm_par, Start};
 use crate::storage::Storage;
 use crate::tensor::Tensor;
-use gemm::Parallelism;
 
 const OP: &str = "linear_low_rank";
 
@@ -54,15 +52,6 @@ impl<'a> Mat<'a> {
             rs: s[0],
             cs: s[1],
         }
-    }
-}
-
-fn parallelism(work: usize) -> Parallelism {
-    let threads = parallel::num_threads();
-    if threads > 1 && work >= GEMM_PARALLEL_WORK {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
     }
 }
 
@@ -105,7 +94,7 @@ fn sum_of_products<T: Float>(
             (p.rs, p.cs),
             ptr(1, q.t),
             (q.rs, q.cs),
-            parallelism(m * n * k1),
+            gemm_par(m * n * k1),
         );
         gemm_into(
             (m, n, k2),
@@ -115,7 +104,7 @@ fn sum_of_products<T: Float>(
             (u.rs, u.cs),
             ptr(3, v.t),
             (v.rs, v.cs),
-            parallelism(m * n * k2),
+            gemm_par(m * n * k2),
         );
     }
     T::into_storage(out)
@@ -263,21 +252,12 @@ impl Tensor {
 #[cfg(test)]
 mod tests {
     use crate::gradcheck::{gradcheck, randn_f64};
+    use crate::ops::linear::tests::assert_close;
     use crate::{DType, Tensor};
 
     fn composed(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Tensor) -> Tensor {
         x.linear(w, bias)
             .add(&x.matmul(&a.t()).mul_scalar(0.7).matmul(&b.t()))
-    }
-
-    fn assert_close(got: &Tensor, want: &Tensor, tol: f64, what: &str) {
-        assert_eq!(got.dims(), want.dims(), "{what}: shape");
-        for (i, (g, w)) in got.to_f64_vec().iter().zip(want.to_f64_vec()).enumerate() {
-            assert!(
-                (g - w).abs() <= tol * w.abs().max(1.0),
-                "{what}: [{i}] {g} vs {w}"
-            );
-        }
     }
 
     #[test]

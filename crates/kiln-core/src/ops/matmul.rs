@@ -146,6 +146,17 @@ fn plan(a: &Tensor, b: &Tensor) -> (Shape, DimVec, Operand, Operand) {
     (Shape::from(out), batch, oa, ob)
 }
 
+/// Threads for one product of `work = m·n·k` multiply-adds: all of kiln's when it is large
+/// enough for them ([`GEMM_PARALLEL_WORK`]), else the calling thread alone.
+pub(crate) fn gemm_par(work: usize) -> Parallelism {
+    let threads = parallel::num_threads();
+    if threads > 1 && work >= GEMM_PARALLEL_WORK {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    }
+}
+
 /// What `dst` holds before [`gemm_into`] adds the product.
 #[derive(Clone, Copy)]
 pub(crate) enum Start<T> {
@@ -362,13 +373,6 @@ fn forward<T: Element>(
     let (a_bs, b_bs) = (oa.broadcast_strides(batch), ob.broadcast_strides(batch));
     let threads = parallel::num_threads();
     let work = m * n * k;
-    let inner_par = |work: usize| {
-        if threads > 1 && work >= GEMM_PARALLEL_WORK {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        }
-    };
 
     // One product, or a stack times a shared matrix whose rows lie at a constant stride: one
     // gemm of `count·m` rows.
@@ -401,7 +405,7 @@ fn forward<T: Element>(
                 (rs, oa.cs),
                 sb.as_ptr().add(ob.offset),
                 (ob.rs, ob.cs),
-                inner_par(rows * n * k),
+                gemm_par(rows * n * k),
             );
         }
         return out;
@@ -434,7 +438,7 @@ fn forward<T: Element>(
             one(i, dst, Parallelism::None)
         });
     } else {
-        let par = inner_par(work);
+        let par = gemm_par(work);
         for (i, dst) in out.chunks_mut(m * n).enumerate() {
             one(i, dst, par);
         }
