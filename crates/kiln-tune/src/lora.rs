@@ -350,10 +350,7 @@ impl LinearAdapter for LoraLinear {
         weight: &Tensor,
         bias: Option<&Tensor>,
     ) -> Option<Tensor> {
-        if self.is_merged()
-            || self.lora_dropout.is_some()
-            || std::env::var_os("KILN_NO_FUSED_LORA").is_some()
-        {
+        if self.is_merged() || self.lora_dropout.is_some() {
             return None;
         }
         Some(x.linear_low_rank(
