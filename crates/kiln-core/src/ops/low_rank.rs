@@ -240,7 +240,8 @@ impl Tensor {
         ));
         let mut dims = self.dims().to_vec();
         *dims.last_mut().expect("rank >= 1") = n;
-        let mut inputs = vec![self, weight, a, b];
+        // The contiguous `x` is the input, so backward reads it without a second copy.
+        let mut inputs = vec![&x, weight, a, b];
         inputs.extend(bias.as_ref());
         Tensor::op_result(storage, dims.into(), &inputs, || LowRankBackward {
             scale,
@@ -323,6 +324,29 @@ mod tests {
             );
             assert_close(&got, &composed(&x, &w, bias.as_ref(), &a, &b), 1e-4, "f32");
         }
+    }
+
+    #[test]
+    fn a_strided_input_gets_the_composed_gradient() {
+        let x = randn_f64(&[6, 5], 1).requires_grad();
+        let (w, a, b) = (
+            randn_f64(&[4, 6], 2),
+            randn_f64(&[2, 6], 3),
+            randn_f64(&[4, 2], 4),
+        );
+        let g = randn_f64(&[5, 4], 5);
+        x.t()
+            .linear_low_rank(&w, None, &a, &b, 0.7)
+            .mul(&g)
+            .sum_all()
+            .backward();
+        let got = x.grad().unwrap();
+        x.zero_grad();
+        composed(&x.t(), &w, None, &a, &b)
+            .mul(&g)
+            .sum_all()
+            .backward();
+        assert_close(&got, &x.grad().unwrap(), 1e-12, "xᵀ view");
     }
 
     #[test]
