@@ -1,7 +1,9 @@
-//! `LayerNorm` and `RMSNorm` with fused kernels: the forward makes one pass per row for the
-//! statistics and one to normalise (and scale/shift); the backward computes `dx`, `dweight` and
-//! `dbias` in one kernel (two sweeps over each row: its two sums, then `dx`), accumulating the
-//! parameter gradients per thread. Rows are split across threads for large inputs.
+//! `LayerNorm` and `RMSNorm` with fused kernels: the forward makes two sweeps per row for the
+//! statistics (mean, then the centred squares, each summed in f64 over 16 interleaved lanes)
+//! and one to normalise (and scale/shift); the backward computes `dx`, `dweight` and
+//! `dbias` in one kernel (its sums, then `dx`), accumulating the parameter gradients per thread
+//! and skipping those of a frozen weight or bias. The row loops run in functions compiled for
+//! AVX-512 or AVX2 when the CPU has them. Rows are split across threads for large inputs.
 
 use crate::{Forward, Module, Param};
 use kiln_core::alloc::Buffer;
@@ -50,6 +52,154 @@ fn view<'a, T: Element>(s: &'a Storage, t: &Tensor) -> &'a [T] {
     &T::slice(s).expect("dtype checked")[r]
 }
 
+/// Independent partial sums per lane: a row's sums run as several chains (vectorised) rather
+/// than one chain of dependent f64 additions.
+const LANES: usize = 16;
+
+/// `Σ f(a[i], b[i])` over rows `a`, `b` of equal length, summed in f64 over [`LANES`]
+/// interleaved chains.
+#[inline(always)]
+fn lane_sum<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (ca, cb) in ca.zip(cb) {
+        for ((s, &x), &y) in acc.iter_mut().zip(ca).zip(cb) {
+            *s += f(x, y);
+        }
+    }
+    for ((s, &x), &y) in acc.iter_mut().zip(ra).zip(rb) {
+        *s += f(x, y);
+    }
+    acc.iter().sum()
+}
+
+/// A row's mean (0 for RMSNorm) and biased variance (mean square for RMSNorm), in f64, by two
+/// sweeps (the row is in L1 by the second).
+#[inline(always)]
+fn row_moments<T: Float>(x: &[T], rms: bool) -> (f64, f64) {
+    let n = x.len() as f64;
+    if rms {
+        return (0.0, lane_sum(x, x, |v, _| v.to_f64() * v.to_f64()) / n);
+    }
+    let mean = lane_sum(x, x, |v, _| v.to_f64()) / n;
+    let var = lane_sum(x, x, |v, _| {
+        let d = v.to_f64() - mean;
+        d * d
+    }) / n;
+    (mean, var)
+}
+
+/// Row kernels compiled for a wider instruction set than the generic build's baseline x86-64
+/// (SSE2, which leaves the f64 sums half scalar): each wrapper below inlines `run` under its
+/// `target_feature`, and [`wide_level`] picks the widest the CPU has.
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    use super::{RowsBackward, RowsForward};
+    use kiln_core::Float;
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn forward_avx512<T: Float>(
+        k: &RowsForward<T>,
+        r0: usize,
+        out: &mut [T],
+        stats: &mut [(f64, f64)],
+    ) {
+        k.run(r0, out, stats)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn forward_avx2<T: Float>(
+        k: &RowsForward<T>,
+        r0: usize,
+        out: &mut [T],
+        stats: &mut [(f64, f64)],
+    ) {
+        k.run(r0, out, stats)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn backward_avx512<T: Float>(
+        k: &RowsBackward<T>,
+        r0: usize,
+        dx: &mut [T],
+    ) -> (Vec<f64>, Vec<f64>) {
+        k.run(r0, dx)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn backward_avx2<T: Float>(
+        k: &RowsBackward<T>,
+        r0: usize,
+        dx: &mut [T],
+    ) -> (Vec<f64>, Vec<f64>) {
+        k.run(r0, dx)
+    }
+}
+
+/// The widest of the [`wide`] kernels this CPU runs: 2 for AVX-512F, 1 for AVX2 + FMA, else 0.
+fn wide_level() -> u8 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return 2;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return 1;
+        }
+    }
+    0
+}
+
+/// The forward over a block of rows: what [`norm_forward`] hands each thread.
+struct RowsForward<'a, T> {
+    x: &'a [T],
+    n: usize,
+    w: Option<&'a [T]>,
+    b: Option<&'a [T]>,
+    eps: f64,
+    rms: bool,
+}
+
+impl<T: Float> RowsForward<'_, T> {
+    /// Normalises rows `r0..` into `out` (whole rows) and writes their `(mean, rstd)`.
+    #[inline(always)]
+    fn run(&self, r0: usize, out: &mut [T], stats: &mut [(f64, f64)]) {
+        let n = self.n;
+        for (k, (y, st)) in out.chunks_mut(n).zip(stats.iter_mut()).enumerate() {
+            let r = r0 + k;
+            let x = &self.x[r * n..(r + 1) * n];
+            let (mean, var) = row_moments(x, self.rms);
+            let rstd = 1.0 / (var + self.eps).sqrt();
+            *st = (mean, rstd);
+            let (mt, rt) = (T::from_f64(mean), T::from_f64(rstd));
+            match (self.w, self.b) {
+                (Some(w), Some(b)) => {
+                    for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                        *y = (x - mt) * rt * w + b;
+                    }
+                }
+                (Some(w), None) => {
+                    for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                        *y = (x - mt) * rt * w;
+                    }
+                }
+                (None, Some(b)) => {
+                    for ((y, &x), &b) in y.iter_mut().zip(x).zip(b) {
+                        *y = (x - mt) * rt + b;
+                    }
+                }
+                (None, None) => {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = (x - mt) * rt;
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn norm_forward<T: Float>(
     x: &[T],
     n: usize,
@@ -64,56 +214,81 @@ fn norm_forward<T: Float>(
     }
     let mut out = Buffer::<T>::uninit(x.len());
     let mut stats = vec![(0.0, 0.0); rows];
+    let rows_fn = RowsForward {
+        x,
+        n,
+        w,
+        b,
+        eps,
+        rms,
+    };
     par_rows(n, &mut out, &mut stats, |r0, out, stats| {
-        for (k, (y, st)) in out.chunks_mut(n).zip(stats.iter_mut()).enumerate() {
-            let r = r0 + k;
-            let x = &x[r * n..(r + 1) * n];
-            // One pass: shifted sums (stable without a second pass over the row).
-            let (mean, var) = if rms {
-                let ss: f64 = x.iter().map(|&v| v.to_f64() * v.to_f64()).sum();
-                (0.0, ss / n as f64)
-            } else {
-                let shift = x[0].to_f64();
-                let (mut s1, mut s2) = (0.0f64, 0.0f64);
-                for &v in x {
-                    let d = v.to_f64() - shift;
-                    s1 += d;
-                    s2 += d * d;
-                }
-                let m = s1 / n as f64;
-                (shift + m, (s2 / n as f64 - m * m).max(0.0))
-            };
-            let rstd = 1.0 / (var + eps).sqrt();
-            *st = (mean, rstd);
-            let (mt, rt) = (T::from_f64(mean), T::from_f64(rstd));
-            match (w, b) {
-                (Some(w), Some(b)) => {
-                    for i in 0..n {
-                        y[i] = (x[i] - mt) * rt * w[i] + b[i];
-                    }
-                }
-                (Some(w), None) => {
-                    for i in 0..n {
-                        y[i] = (x[i] - mt) * rt * w[i];
-                    }
-                }
-                (None, Some(b)) => {
-                    for i in 0..n {
-                        y[i] = (x[i] - mt) * rt + b[i];
-                    }
-                }
-                (None, None) => {
-                    for i in 0..n {
-                        y[i] = (x[i] - mt) * rt;
-                    }
-                }
-            }
+        match wide_level() {
+            // SAFETY (both): `wide_level` checked that the CPU has these features.
+            #[cfg(target_arch = "x86_64")]
+            2 => unsafe { wide::forward_avx512(&rows_fn, r0, out, stats) },
+            #[cfg(target_arch = "x86_64")]
+            1 => unsafe { wide::forward_avx2(&rows_fn, r0, out, stats) },
+            _ => rows_fn.run(r0, out, stats),
         }
     });
     (out, stats)
 }
 
-/// `(dx, dweight, dbias)`; the parameter gradients are summed in f64.
+/// The backward over a block of rows: what [`norm_backward`] hands each thread.
+struct RowsBackward<'a, T> {
+    x: &'a [T],
+    g: &'a [T],
+    n: usize,
+    w: &'a [T],
+    stats: &'a [(f64, f64)],
+    rms: bool,
+    need_w: bool,
+    need_b: bool,
+}
+
+impl<T: Float> RowsBackward<'_, T> {
+    /// Writes `dx` of rows `r0..` (whole rows) and returns their shares of `dweight` and
+    /// `dbias` (empty unless wanted).
+    #[inline(always)]
+    fn run(&self, r0: usize, dx: &mut [T]) -> (Vec<f64>, Vec<f64>) {
+        let n = self.n;
+        let mut dw = vec![0f64; if self.need_w { n } else { 0 }];
+        let mut db = vec![0f64; if self.need_b { n } else { 0 }];
+        let mut gw = vec![T::zero(); n];
+        let inv_n = 1.0 / n as f64;
+        for (k, dx) in dx.chunks_mut(n).enumerate() {
+            let r = r0 + k;
+            let (x, g) = (&self.x[r * n..(r + 1) * n], &self.g[r * n..(r + 1) * n]);
+            let (mean, rstd) = self.stats[r];
+            let xh = |v: T| (v.to_f64() - mean) * rstd;
+            // ĝ = g·w, rounded once to T.
+            for ((gw, &g), &w) in gw.iter_mut().zip(g).zip(self.w) {
+                *gw = g * w;
+            }
+            // Sweep 1: Σ ĝ and Σ ĝ·x̂, and the parameter gradients that are wanted.
+            let sg = lane_sum(&gw, &gw, |h, _| h.to_f64());
+            let sgx = lane_sum(&gw, x, |h, x| h.to_f64() * xh(x));
+            for ((dw, &g), &x) in dw.iter_mut().zip(g).zip(x) {
+                *dw += g.to_f64() * xh(x);
+            }
+            for (db, &g) in db.iter_mut().zip(g) {
+                *db += g.to_f64();
+            }
+            let mg = if self.rms { 0.0 } else { sg * inv_n };
+            let mgx = sgx * inv_n;
+            // Sweep 2: dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)).
+            for ((dx, &h), &x) in dx.iter_mut().zip(&gw).zip(x) {
+                *dx = T::from_f64(rstd * (h.to_f64() - mg - xh(x) * mgx));
+            }
+        }
+        (dw, db)
+    }
+}
+
+/// `(dx, dweight, dbias)`; the parameter gradients are summed in f64, and left empty unless
+/// `need_w` / `need_b` (a frozen LayerNorm skips their sweeps).
+#[allow(clippy::too_many_arguments)]
 fn norm_backward<T: Float>(
     x: &[T],
     g: &[T],
@@ -121,54 +296,47 @@ fn norm_backward<T: Float>(
     w: Option<&[T]>,
     stats: &[(f64, f64)],
     rms: bool,
+    need_w: bool,
+    need_b: bool,
 ) -> (Buffer<T>, Vec<f64>, Vec<f64>) {
     if x.is_empty() {
         return (Buffer::uninit(0), vec![0.0; n], vec![0.0; n]);
     }
     let mut dx = Buffer::<T>::uninit(x.len());
     let mut unit = vec![(); stats.len()];
+    let ones;
+    let w = match w {
+        Some(w) => w,
+        None => {
+            ones = vec![T::one(); n];
+            &ones[..]
+        }
+    };
+    let rows_fn = RowsBackward {
+        x,
+        g,
+        n,
+        w,
+        stats,
+        rms,
+        need_w,
+        need_b,
+    };
     let partials = par_rows(n, &mut dx, &mut unit, |r0, dx, _| {
-        let mut dw = vec![0f64; n];
-        let mut db = vec![0f64; n];
-        let inv_n = 1.0 / n as f64;
-        for (k, dx) in dx.chunks_mut(n).enumerate() {
-            let r = r0 + k;
-            let (x, g) = (&x[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
-            let (mean, rstd) = stats[r];
-            // Sweep 1: Σ ĝ and Σ ĝ·x̂ (ĝ = g·w), and the parameter gradients.
-            let (mut sg, mut sgx) = (0f64, 0f64);
-            for i in 0..n {
-                let xh = (x[i].to_f64() - mean) * rstd;
-                let gi = g[i].to_f64();
-                let gh = match w {
-                    Some(w) => gi * w[i].to_f64(),
-                    None => gi,
-                };
-                sg += gh;
-                sgx += gh * xh;
-                dw[i] += gi * xh;
-                db[i] += gi;
-            }
-            let (mg, mgx) = (if rms { 0.0 } else { sg * inv_n }, sgx * inv_n);
-            // Sweep 2: dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)).
-            for i in 0..n {
-                let xh = (x[i].to_f64() - mean) * rstd;
-                let gh = match w {
-                    Some(w) => g[i].to_f64() * w[i].to_f64(),
-                    None => g[i].to_f64(),
-                };
-                dx[i] = T::from_f64(rstd * (gh - mg - xh * mgx));
-            }
+        match wide_level() {
+            // SAFETY (both): `wide_level` checked that the CPU has these features.
+            #[cfg(target_arch = "x86_64")]
+            2 => unsafe { wide::backward_avx512(&rows_fn, r0, dx) },
+            #[cfg(target_arch = "x86_64")]
+            1 => unsafe { wide::backward_avx2(&rows_fn, r0, dx) },
+            _ => rows_fn.run(r0, dx),
         }
-        (dw, db)
     });
-    let mut dw = vec![0f64; n];
-    let mut db = vec![0f64; n];
+    let mut dw = vec![0f64; if need_w { n } else { 0 }];
+    let mut db = vec![0f64; if need_b { n } else { 0 }];
     for (pw, pb) in partials {
-        for i in 0..n {
-            dw[i] += pw[i];
-            db[i] += pb[i];
-        }
+        dw.iter_mut().zip(pw).for_each(|(d, p)| *d += p);
+        db.iter_mut().zip(pb).for_each(|(d, p)| *d += p);
     }
     (dx, dw, db)
 }
@@ -194,6 +362,9 @@ impl GradFn for NormBackward {
     fn backward(&self, inputs: &[Tensor], _out: &Tensor, g: &Tensor) -> Vec<Option<Tensor>> {
         let x = &inputs[0];
         let w = self.has_weight.then(|| &inputs[1]);
+        // A parameter that takes no gradient (a frozen LayerNorm) costs no sweep.
+        let need_w = self.has_weight && inputs[1].tracks_grad();
+        let need_b = self.has_bias && inputs[inputs.len() - 1].tracks_grad();
         kiln_core::dispatch_float!(x.dtype(), self.name(), |T| {
             let (x, g, w) = (x.contiguous(), g.contiguous(), w.map(Tensor::contiguous));
             let (xs, gs, ws) = (x.storage(), g.storage(), w.as_ref().map(Tensor::storage));
@@ -205,6 +376,8 @@ impl GradFn for NormBackward {
                 wv,
                 &self.stats,
                 self.rms,
+                need_w,
+                need_b,
             );
             let mut grads = vec![Some(Tensor::from_buffer(dx, x.shape().clone()))];
             let pshape = inputs[1..]
@@ -219,10 +392,10 @@ impl GradFn for NormBackward {
                 .to_dtype(x.dtype())
             };
             if self.has_weight {
-                grads.push(Some(to_t(dw)));
+                grads.push(need_w.then(|| to_t(dw)));
             }
             if self.has_bias {
-                grads.push(Some(to_t(db)));
+                grads.push(need_b.then(|| to_t(db)));
             }
             grads
         })
@@ -621,6 +794,54 @@ mod tests {
             }
             for t in [&x, &w, &b] {
                 t.zero_grad();
+            }
+        }
+    }
+
+    /// The f32 rows (vectorised sums, a row length with a remainder) agree with f64, and a
+    /// frozen weight and bias get no gradient while `x` gets the same one.
+    #[test]
+    fn f32_matches_f64_and_frozen_parameters_take_no_gradient() {
+        for (rows, n) in [(7, 45), (300, 400)] {
+            let x64 = randn_f64(&[rows, n], 1).mul_scalar(3.0).add_scalar(2.0);
+            let (w64, b64, g64) = (
+                randn_f64(&[n], 2),
+                randn_f64(&[n], 3),
+                randn_f64(&[rows, n], 4),
+            );
+            for rms in [false, true] {
+                let run = |dtype: DType, train_params: bool| {
+                    let cast = |t: &Tensor| t.to_dtype(dtype).detach();
+                    let x = cast(&x64).requires_grad();
+                    let (w, b) = (cast(&w64), cast(&b64));
+                    let (w, b) = if train_params {
+                        (w.requires_grad(), b.requires_grad())
+                    } else {
+                        (w, b)
+                    };
+                    let bias = (!rms).then_some(&b);
+                    let y = fused_norm(&x, &[n], Some(&w), bias, 1e-5, rms);
+                    y.mul(&cast(&g64)).sum_all().backward();
+                    let f64s = |t: Option<Tensor>| t.map(|t| t.to_dtype(DType::F64));
+                    (
+                        y.to_dtype(DType::F64),
+                        f64s(x.grad()).unwrap(),
+                        f64s(w.grad()),
+                        f64s(b.grad()),
+                    )
+                };
+                let (y, dx, dw, db) = run(DType::F64, true);
+                let (y32, dx32, dw32, db32) = run(DType::F32, true);
+                assert!(max_diff(&y, &y32) < 1e-5, "{rows}x{n} rms {rms}");
+                assert!(max_diff(&dx, &dx32) < 1e-4, "{rows}x{n} rms {rms}");
+                assert!(max_diff(&dw.unwrap(), &dw32.unwrap()) < 1e-3);
+                if !rms {
+                    assert!(max_diff(&db.unwrap(), &db32.unwrap()) < 1e-3);
+                }
+                let (y_frozen, dx_frozen, dw_frozen, db_frozen) = run(DType::F32, false);
+                assert!(dw_frozen.is_none() && db_frozen.is_none());
+                assert_eq!(max_diff(&y_frozen, &y32), 0.0);
+                assert_eq!(max_diff(&dx_frozen, &dx32), 0.0);
             }
         }
     }
