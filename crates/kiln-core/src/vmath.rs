@@ -167,6 +167,78 @@ fn drive<S: Simd, K: Kernel>(src: &[f32], dst: &mut [f32]) {
     }
 }
 
+/// One elementwise function with two results per input, generic over the vector type.
+trait Kernel2 {
+    fn eval<S: Simd>(x: S) -> (S, S);
+}
+
+/// Runs kernel `K` over `src` into `dst0` and `dst1` on path `isa` (clamped to what the CPU
+/// supports).
+fn run2<K: Kernel2>(isa: Isa, name: &str, src: &[f32], dst0: &mut [f32], dst1: &mut [f32]) {
+    assert!(
+        src.len() == dst0.len() && src.len() == dst1.len(),
+        "vmath::{name}: src has {} elements, the outputs {} and {}",
+        src.len(),
+        dst0.len(),
+        dst1.len()
+    );
+    match isa.min(best_isa()) {
+        // SAFETY: the CPU supports the features these functions are compiled for (checked by
+        // `best_isa` just above).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::drive2_avx512::<K>(src, dst0, dst1) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::drive2_avx2::<K>(src, dst0, dst1) },
+        _ => drive2::<f32, K>(src, dst0, dst1),
+    }
+}
+
+/// [`drive`] for a [`Kernel2`]: whole vectors, then the tail through padded stack buffers.
+#[inline(always)]
+fn drive2<S: Simd, K: Kernel2>(src: &[f32], dst0: &mut [f32], dst1: &mut [f32]) {
+    let n = src.len().min(dst0.len()).min(dst1.len());
+    let (sp, p0, p1) = (src.as_ptr(), dst0.as_mut_ptr(), dst1.as_mut_ptr());
+    let mut i = 0;
+    while i + S::LANES <= n {
+        // SAFETY: i + LANES <= n, in bounds of all three slices.
+        unsafe {
+            let (a, b) = K::eval(S::load(sp.add(i)));
+            a.store(p0.add(i));
+            b.store(p1.add(i));
+        }
+        i += S::LANES;
+    }
+    if i < n {
+        let (mut buf, mut b0, mut b1) = ([0f32; 16], [0f32; 16], [0f32; 16]);
+        buf[..n - i].copy_from_slice(&src[i..n]);
+        // SAFETY: LANES <= 16, the buffers' length.
+        unsafe {
+            let (a, b) = K::eval(S::load(buf.as_ptr()));
+            a.store(b0.as_mut_ptr());
+            b.store(b1.as_mut_ptr());
+        }
+        dst0[i..n].copy_from_slice(&b0[..n - i]);
+        dst1[i..n].copy_from_slice(&b1[..n - i]);
+    }
+}
+
+struct GeluErfWithGradK;
+impl Kernel2 for GeluErfWithGradK {
+    #[inline(always)]
+    fn eval<S: Simd>(x: S) -> (S, S) {
+        gelu_erf_with_grad_v(x)
+    }
+}
+
+/// `y[i] = gelu_erf(src[i])` and `d[i] = gelu_erf_grad(src[i])` in one pass (they share the
+/// normal CDF): what a GELU whose backward keeps its derivative computes. The values equal
+/// those of [`gelu_erf`] and [`gelu_erf_grad`] bit for bit.
+///
+/// Panics if the slices differ in length.
+pub fn gelu_erf_with_grad(src: &[f32], y: &mut [f32], d: &mut [f32]) {
+    run2::<GeluErfWithGradK>(isa(), "gelu_erf_with_grad", src, y, d)
+}
+
 macro_rules! slice_fns {
     ($($(#[$doc:meta])* $name:ident => $kernel:ident($body:path);)*) => {
         $(
@@ -389,7 +461,7 @@ impl Simd for f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{drive, Kernel, Simd};
+    use super::{drive, drive2, Kernel, Kernel2, Simd};
     use std::arch::x86_64::*;
 
     /// π/2 as a sum of three f32 values, for fused reductions (residual 1e-23).
@@ -402,6 +474,15 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn drive_avx2<K: Kernel>(src: &[f32], dst: &mut [f32]) {
         drive::<V8, K>(src, dst)
+    }
+
+    /// Runs the two-result `K` with 8-lane AVX2+FMA vectors.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn drive2_avx2<K: Kernel2>(src: &[f32], d0: &mut [f32], d1: &mut [f32]) {
+        drive2::<V8, K>(src, d0, d1)
     }
 
     // The methods below are only ever inlined into `drive_avx2` / `drive_avx512`, which enable
@@ -542,12 +623,12 @@ mod x86 {
         }
     }
 
-    pub(super) use avx512::drive_avx512;
+    pub(super) use avx512::{drive2_avx512, drive_avx512};
 
     /// The AVX-512F path (its intrinsics are stable since Rust 1.89, the workspace's
     /// `rust-version`).
     mod avx512 {
-        use super::super::{drive, Kernel, Simd};
+        use super::super::{drive, drive2, Kernel, Kernel2, Simd};
         use std::arch::x86_64::*;
 
         /// Runs `K` with 16-lane AVX-512F vectors.
@@ -557,6 +638,19 @@ mod x86 {
         #[target_feature(enable = "avx512f")]
         pub(in crate::vmath) unsafe fn drive_avx512<K: Kernel>(src: &[f32], dst: &mut [f32]) {
             drive::<V16, K>(src, dst)
+        }
+
+        /// Runs the two-result `K` with 16-lane AVX-512F vectors.
+        ///
+        /// # Safety
+        /// The CPU must support AVX-512F.
+        #[target_feature(enable = "avx512f")]
+        pub(in crate::vmath) unsafe fn drive2_avx512<K: Kernel2>(
+            src: &[f32],
+            d0: &mut [f32],
+            d1: &mut [f32],
+        ) {
+            drive2::<V16, K>(src, d0, d1)
         }
 
         #[derive(Clone, Copy)]
@@ -909,7 +1003,12 @@ fn normal_cdf2<S: Simd>(x: S) -> (S, S) {
 
 #[inline(always)]
 fn gelu_erf_v<S: Simd>(x: S) -> S {
-    let (cdf2, _) = normal_cdf2(x);
+    gelu_erf_from(x, normal_cdf2(x).0)
+}
+
+/// `x·Φ(x)` from [`normal_cdf2`]'s `2Φ(x)`.
+#[inline(always)]
+fn gelu_erf_from<S: Simd>(x: S, cdf2: S) -> S {
     // Below −30 the CDF is 0: clamping keeps gelu(−inf) = −0 rather than −inf·0.
     let xm = S::splat(-30.0).max(x);
     xm.mul(S::splat(0.5)).mul(cdf2)
@@ -918,10 +1017,22 @@ fn gelu_erf_v<S: Simd>(x: S) -> S {
 #[inline(always)]
 fn gelu_erf_grad_v<S: Simd>(x: S) -> S {
     let (cdf2, g) = normal_cdf2(x);
+    gelu_erf_grad_from(x, cdf2, g)
+}
+
+/// `Φ(x) + x·φ(x)`, φ(x) = exp(−x²/2)/√(2π), from [`normal_cdf2`]'s results.
+#[inline(always)]
+fn gelu_erf_grad_from<S: Simd>(x: S, cdf2: S, g: S) -> S {
     let xc = S::splat(30.0).min(S::splat(-30.0).max(x));
-    // Φ(x) + x·φ(x), φ(x) = exp(−x²/2)/√(2π)
     xc.mul(g)
         .fma(S::splat(0.398_942_3), cdf2.mul(S::splat(0.5)))
+}
+
+/// `(gelu_erf_v(x), gelu_erf_grad_v(x))` from one evaluation of the CDF.
+#[inline(always)]
+fn gelu_erf_with_grad_v<S: Simd>(x: S) -> (S, S) {
+    let (cdf2, g) = normal_cdf2(x);
+    (gelu_erf_from(x, cdf2), gelu_erf_grad_from(x, cdf2, g))
 }
 
 /// √(2/π) and the cubic coefficient of the tanh-approximated GELU.
@@ -1612,6 +1723,34 @@ mod tests {
                     case.name,
                     isa.name()
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn gelu_with_grad_equals_the_two_single_kernels_bit_for_bit() {
+        let xs = sweep();
+        for isa in available_isas() {
+            // Odd lengths leave a padded tail on every path.
+            for n in [xs.len(), 1, 17, 33] {
+                let src = &xs[..n];
+                let (mut y, mut d) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+                run2::<GeluErfWithGradK>(isa, "gelu_erf_with_grad", src, &mut y, &mut d);
+                let (mut y1, mut d1) = (vec![0f32; n], vec![0f32; n]);
+                run::<GeluErfK>(isa, "gelu_erf", src, &mut y1);
+                run::<GeluErfGradK>(isa, "gelu_erf_grad", src, &mut d1);
+                for i in 0..n {
+                    assert!(
+                        y[i].to_bits() == y1[i].to_bits() && d[i].to_bits() == d1[i].to_bits(),
+                        "{} at {}: ({}, {}) vs ({}, {})",
+                        isa.name(),
+                        src[i],
+                        y[i],
+                        d[i],
+                        y1[i],
+                        d1[i]
+                    );
+                }
             }
         }
     }

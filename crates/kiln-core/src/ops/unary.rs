@@ -72,6 +72,10 @@ const SOFTPLUS_THRESHOLD: f64 = 20.0;
 
 fn unary(t: &Tensor, op: Op) -> Tensor {
     let name = op.name();
+    let recording = crate::autograd::is_grad_enabled() && t.tracks_grad();
+    if op == Op::Gelu && t.dtype() == DType::F32 && recording {
+        return gelu_keeping_derivative(t);
+    }
     let storage = match t.dtype() {
         DType::F32 => Storage::F32(forward_f32(t, op)),
         DType::F64 => Storage::F64(forward_f64(t, op)),
@@ -254,13 +258,80 @@ fn softplus_grad64(x: f64) -> f64 {
     }
 }
 
+/// GELU (erf form, f32) for a graph: the forward writes the derivative next to the values
+/// (one evaluation of the CDF serves both), and the backward is `g · derivative`. It keeps
+/// neither input nor output, so a GELU between two frozen layers costs one saved tensor, not
+/// two, and no second CDF.
+fn gelu_keeping_derivative(t: &Tensor) -> Tensor {
+    let x = t.contiguous();
+    let xs = x.storage();
+    let src = &crate::typed_slice!(xs, f32, "gelu")[x.layout().contiguous_range().unwrap()];
+    let n = src.len();
+    let (mut y, mut d) = (Buffer::<f32>::uninit(n), Buffer::<f32>::uninit(n));
+    let threads = crate::parallel::num_threads();
+    let par = n >= crate::parallel::PARALLEL_THRESHOLD && threads > 1;
+    let chunk = if par {
+        n.div_ceil(threads * 4).div_ceil(64) * 64
+    } else {
+        n.max(1)
+    };
+    crate::parallel::for_chunk_pairs(&mut y, chunk, &mut d, chunk, par, |i, y, d| {
+        let start = i * chunk;
+        vmath::gelu_erf_with_grad(&src[start..start + y.len()], y, d);
+    });
+    drop(xs);
+    let deriv = Tensor::from_buffer(d, t.shape().clone());
+    Tensor::op_result(Storage::F32(y), t.shape().clone(), &[t], || {
+        SavedDerivative {
+            name: Op::Gelu.name(),
+            deriv,
+        }
+    })
+}
+
 // ---------------------------------------------------------------------- backward
+
+/// Backward of an elementwise op whose forward saved its derivative: `g · derivative`.
+struct SavedDerivative {
+    name: &'static str,
+    deriv: Tensor,
+}
+
+impl GradFn for SavedDerivative {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn reads_input(&self, _index: usize) -> bool {
+        false
+    }
+
+    fn reads_output(&self) -> bool {
+        false
+    }
+
+    fn backward(&self, _inputs: &[Tensor], _output: &Tensor, g: &Tensor) -> Vec<Option<Tensor>> {
+        vec![Some(g.mul(&self.deriv))]
+    }
+}
 
 struct UnaryBackward(Op);
 
 impl GradFn for UnaryBackward {
     fn name(&self) -> &'static str {
         self.0.name()
+    }
+
+    /// The rules that are written in the output (`y`) do not read `x`.
+    fn reads_input(&self, _index: usize) -> bool {
+        !self.reads_output()
+    }
+
+    fn reads_output(&self) -> bool {
+        matches!(
+            self.0,
+            Op::Exp | Op::Sqrt | Op::Rsqrt | Op::Tanh | Op::Sigmoid | Op::Relu | Op::Recip
+        )
     }
 
     fn backward(&self, inputs: &[Tensor], output: &Tensor, g: &Tensor) -> Vec<Option<Tensor>> {
@@ -792,6 +863,24 @@ mod tests {
                     got_g[i]
                 );
             }
+        }
+    }
+
+    #[test]
+    fn gelu_in_a_graph_gives_the_plain_values_and_g_times_the_saved_derivative() {
+        let x = Tensor::randn([3, 70_001], 5).mul_scalar(3.0);
+        let plain = x.gelu().to_vec::<f32>();
+        let leaf = x.detach().requires_grad();
+        let y = leaf.gelu();
+        assert_eq!(y.to_vec::<f32>(), plain, "values with and without a graph");
+        assert_eq!(y.grad_fn_name(), Some("gelu"));
+        let mut want = vec![0f32; plain.len()];
+        vmath::gelu_erf_grad(&x.to_vec::<f32>(), &mut want);
+        let g = Tensor::randn([3, 70_001], 6);
+        y.backward_with_grad(&g);
+        let got = leaf.grad().unwrap().to_vec::<f32>();
+        for ((got, want), g) in got.iter().zip(&want).zip(g.to_vec::<f32>()) {
+            assert_eq!(*got, want * g);
         }
     }
 
