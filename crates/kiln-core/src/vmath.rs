@@ -112,6 +112,28 @@ pub fn available_isas() -> Vec<Isa> {
         .collect()
 }
 
+/// Plain loops (row sums, scaled updates) that the compiler vectorises itself: [`run_wide`]
+/// compiles [`WideKernel::run`] for the widest path the CPU has. The generic build targets
+/// baseline x86-64 (SSE2), where such loops run 4 f32 lanes wide or stay scalar.
+pub trait WideKernel {
+    /// The loops. Implementations mark it `#[inline(always)]` so that it is compiled into each
+    /// wide wrapper rather than called from it.
+    fn run(&mut self);
+}
+
+/// Runs `kernel` compiled for AVX-512F, else AVX2 + FMA, as [`isa`] chooses (portable code
+/// otherwise).
+pub fn run_wide<K: WideKernel>(kernel: &mut K) {
+    match isa() {
+        // SAFETY: `isa` only chooses a path the CPU supports.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::run_wide_avx512(kernel) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::run_wide_avx2(kernel) },
+        _ => kernel.run(),
+    }
+}
+
 /// One elementwise function, generic over the vector type.
 trait Kernel {
     fn eval<S: Simd>(x: S) -> S;
@@ -474,6 +496,24 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn drive_avx2<K: Kernel>(src: &[f32], dst: &mut [f32]) {
         drive::<V8, K>(src, dst)
+    }
+
+    /// [`super::run_wide`]'s AVX2 + FMA build.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn run_wide_avx2<K: super::WideKernel>(kernel: &mut K) {
+        kernel.run()
+    }
+
+    /// [`super::run_wide`]'s AVX-512F build.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn run_wide_avx512<K: super::WideKernel>(kernel: &mut K) {
+        kernel.run()
     }
 
     /// Runs the two-result `K` with 8-lane AVX2+FMA vectors.

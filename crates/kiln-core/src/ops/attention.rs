@@ -26,6 +26,7 @@ use crate::ops::softmax::{dot, exp_shifted, ExpSlice};
 use crate::parallel::{self, PARALLEL_THRESHOLD};
 use crate::shape::{DimVec, Shape};
 use crate::tensor::Tensor;
+use crate::vmath::{run_wide, WideKernel};
 use crate::Rng;
 use gemm::Parallelism;
 
@@ -203,6 +204,90 @@ struct MaskRows<'a, T> {
     at: Operand,
 }
 
+/// Softmax of one block's score rows (compiled wide by [`run_wide`]): scales (and masks) the
+/// scores `sc` of query rows `i0..` of matrix `t` and writes their weights to `p`, whose length
+/// (`rows × s`) sets the rows.
+struct SoftmaxRows<'a, 'b, T> {
+    plan: &'a Plan,
+    mask: Option<&'a MaskRows<'a, T>>,
+    scale: T,
+    t: usize,
+    i0: usize,
+    sc: &'b mut [T],
+    p: &'b mut [T],
+}
+
+impl<T: AttnFloat> WideKernel for SoftmaxRows<'_, '_, T> {
+    #[inline(always)]
+    fn run(&mut self) {
+        let (plan, s, scale) = (self.plan, self.plan.s, self.scale);
+        for r in 0..self.p.len() / s {
+            let i = self.i0 + r;
+            let valid = plan.valid(i);
+            let x = &mut self.sc[r * s..r * s + valid];
+            match self.mask {
+                Some(m) => {
+                    let at = m.at.offsets[self.t] + i * m.at.rs;
+                    for (j, x) in x.iter_mut().enumerate() {
+                        *x = *x * scale + m.data[at + j * m.at.cs];
+                    }
+                }
+                None => x.iter_mut().for_each(|x| *x *= scale),
+            }
+            let p_row = &mut self.p[r * s..(r + 1) * s];
+            p_row[valid..].fill(T::zero());
+            let max = if valid == 0 {
+                T::neg_infinity()
+            } else {
+                extreme_slice::<T, true>(x)
+            };
+            if max == T::neg_infinity() {
+                // No key takes part: zero weights (and so zero output and gradients).
+                p_row.fill(T::zero());
+                continue;
+            }
+            let sum = exp_shifted(x, max, &mut p_row[..valid]);
+            let inv = T::one() / T::from_f64(sum);
+            p_row[..valid].iter_mut().for_each(|w| *w *= inv);
+        }
+    }
+}
+
+/// The softmax's backward over one block's rows (compiled wide by [`run_wide`]): turns `a`
+/// (`g·vᵀ` of query rows `i0..`, `rows × s`) into the scores' gradient, given the weights `p`
+/// and the weights after dropout `pd`.
+struct SoftmaxGradRows<'a, 'b, T> {
+    plan: &'a Plan,
+    scale: T,
+    i0: usize,
+    cols: usize,
+    a: &'b mut [T],
+    pd: &'b [T],
+    p: &'b [T],
+}
+
+impl<T: AttnFloat> WideKernel for SoftmaxGradRows<'_, '_, T> {
+    #[inline(always)]
+    fn run(&mut self) {
+        let (s, scale) = (self.plan.s, self.scale);
+        for r in 0..self.a.len() / s {
+            let valid = self.plan.valid(self.i0 + r);
+            let at = r * s;
+            let (a_row, pd, p) = (
+                &mut self.a[at..at + valid],
+                &self.pd[at..at + valid],
+                &self.p[at..at + valid],
+            );
+            let d = dot(a_row, pd);
+            for ((a, &pd), &p) in a_row.iter_mut().zip(pd).zip(p) {
+                *a = scale * (pd * *a - p * d);
+            }
+            // Keys this row does not see (causal) take no gradient from it.
+            self.a[at + valid..at + self.cols].fill(T::zero());
+        }
+    }
+}
+
 /// The forward pass: writes the output through `out` (laid out as its operand says) and, when
 /// given, the weights through `probs` (`[count, l, s]`, contiguous).
 #[allow(clippy::too_many_arguments)]
@@ -254,35 +339,15 @@ fn forward<T: AttnFloat>(
                 Parallelism::None,
             );
         }
-        for r in 0..rows {
-            let i = i0 + r;
-            let valid = plan.valid(i);
-            let x = &mut sc[r * s..r * s + valid];
-            match mask {
-                Some(m) => {
-                    let at = m.at.offsets[t] + i * m.at.rs;
-                    for (j, x) in x.iter_mut().enumerate() {
-                        *x = *x * scale + m.data[at + j * m.at.cs];
-                    }
-                }
-                None => x.iter_mut().for_each(|x| *x *= scale),
-            }
-            let p_row = &mut p[r * s..(r + 1) * s];
-            p_row[valid..].fill(T::zero());
-            let max = if valid == 0 {
-                T::neg_infinity()
-            } else {
-                extreme_slice::<T, true>(x)
-            };
-            if max == T::neg_infinity() {
-                // No key takes part: zero weights (and so zero output and gradients).
-                p_row.fill(T::zero());
-                continue;
-            }
-            let sum = exp_shifted(x, max, &mut p_row[..valid]);
-            let inv = T::one() / T::from_f64(sum);
-            p_row[..valid].iter_mut().for_each(|w| *w *= inv);
-        }
+        run_wide(&mut SoftmaxRows {
+            plan,
+            mask,
+            scale,
+            t,
+            i0,
+            sc,
+            p,
+        });
         let pd = dropped(p, keep, base, rest);
         // SAFETY: as above; block `b` of matrix `t` owns output rows `i0..i1`.
         unsafe {
@@ -397,21 +462,15 @@ impl<T: AttnFloat> AttentionBackward<T> {
                 if ptrs[0].is_none() && ptrs[1].is_none() {
                     continue;
                 }
-                for r in 0..rows {
-                    let valid = plan.valid(i0 + r);
-                    let at = r * s;
-                    let (a_row, pd, p) = (
-                        &mut a[at..at + valid],
-                        &pd[at..at + valid],
-                        &p[at..at + valid],
-                    );
-                    let d = dot(a_row, pd);
-                    for ((a, &pd), &p) in a_row.iter_mut().zip(pd).zip(p) {
-                        *a = scale * (pd * *a - p * d);
-                    }
-                    // Keys this row does not see (causal) take no gradient from it.
-                    a[at + valid..at + cols].fill(T::zero());
-                }
+                run_wide(&mut SoftmaxGradRows {
+                    plan,
+                    scale,
+                    i0,
+                    cols,
+                    a: &mut a[..rows * s],
+                    pd,
+                    p,
+                });
                 if let Some(dq) = ptrs[0] {
                     let dqo = &opers[0];
                     unsafe {

@@ -8,6 +8,7 @@
 use crate::{Forward, Module, Param};
 use kiln_core::alloc::Buffer;
 use kiln_core::parallel::{for_chunk_pairs, num_threads, PARALLEL_THRESHOLD};
+use kiln_core::vmath::{run_wide, WideKernel};
 use kiln_core::{Element, Float, GradFn, Layout, Storage, Tensor};
 use std::sync::{Arc, Mutex};
 
@@ -90,84 +91,30 @@ fn row_moments<T: Float>(x: &[T], rms: bool) -> (f64, f64) {
     (mean, var)
 }
 
-/// Row kernels compiled for a wider instruction set than the generic build's baseline x86-64
-/// (SSE2, which leaves the f64 sums half scalar): each wrapper below inlines `run` under its
-/// `target_feature`, and [`wide_level`] picks the widest the CPU has.
-#[cfg(target_arch = "x86_64")]
-mod wide {
-    use super::{RowsBackward, RowsForward};
-    use kiln_core::Float;
-
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn forward_avx512<T: Float>(
-        k: &RowsForward<T>,
-        r0: usize,
-        out: &mut [T],
-        stats: &mut [(f64, f64)],
-    ) {
-        k.run(r0, out, stats)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn forward_avx2<T: Float>(
-        k: &RowsForward<T>,
-        r0: usize,
-        out: &mut [T],
-        stats: &mut [(f64, f64)],
-    ) {
-        k.run(r0, out, stats)
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn backward_avx512<T: Float>(
-        k: &RowsBackward<T>,
-        r0: usize,
-        dx: &mut [T],
-    ) -> (Vec<f64>, Vec<f64>) {
-        k.run(r0, dx)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn backward_avx2<T: Float>(
-        k: &RowsBackward<T>,
-        r0: usize,
-        dx: &mut [T],
-    ) -> (Vec<f64>, Vec<f64>) {
-        k.run(r0, dx)
-    }
-}
-
-/// The widest of the [`wide`] kernels this CPU runs: 2 for AVX-512F, 1 for AVX2 + FMA, else 0.
-fn wide_level() -> u8 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return 2;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return 1;
-        }
-    }
-    0
-}
-
-/// The forward over a block of rows: what [`norm_forward`] hands each thread.
-struct RowsForward<'a, T> {
+/// The forward over one thread's block of rows (compiled wide by [`run_wide`]): normalises
+/// rows `r0..` into `out` (whole rows) and writes their `(mean, rstd)` into `stats`.
+struct RowsForward<'a, 'b, T> {
     x: &'a [T],
     n: usize,
     w: Option<&'a [T]>,
     b: Option<&'a [T]>,
     eps: f64,
     rms: bool,
+    r0: usize,
+    out: &'b mut [T],
+    stats: &'b mut [(f64, f64)],
 }
 
-impl<T: Float> RowsForward<'_, T> {
-    /// Normalises rows `r0..` into `out` (whole rows) and writes their `(mean, rstd)`.
+impl<T: Float> WideKernel for RowsForward<'_, '_, T> {
     #[inline(always)]
-    fn run(&self, r0: usize, out: &mut [T], stats: &mut [(f64, f64)]) {
-        let n = self.n;
-        for (k, (y, st)) in out.chunks_mut(n).zip(stats.iter_mut()).enumerate() {
+    fn run(&mut self) {
+        let (n, r0) = (self.n, self.r0);
+        for (k, (y, st)) in self
+            .out
+            .chunks_mut(n)
+            .zip(self.stats.iter_mut())
+            .enumerate()
+        {
             let r = r0 + k;
             let x = &self.x[r * n..(r + 1) * n];
             let (mean, var) = row_moments(x, self.rms);
@@ -214,50 +161,46 @@ fn norm_forward<T: Float>(
     }
     let mut out = Buffer::<T>::uninit(x.len());
     let mut stats = vec![(0.0, 0.0); rows];
-    let rows_fn = RowsForward {
-        x,
-        n,
-        w,
-        b,
-        eps,
-        rms,
-    };
     par_rows(n, &mut out, &mut stats, |r0, out, stats| {
-        match wide_level() {
-            // SAFETY (both): `wide_level` checked that the CPU has these features.
-            #[cfg(target_arch = "x86_64")]
-            2 => unsafe { wide::forward_avx512(&rows_fn, r0, out, stats) },
-            #[cfg(target_arch = "x86_64")]
-            1 => unsafe { wide::forward_avx2(&rows_fn, r0, out, stats) },
-            _ => rows_fn.run(r0, out, stats),
-        }
+        run_wide(&mut RowsForward {
+            x,
+            n,
+            w,
+            b,
+            eps,
+            rms,
+            r0,
+            out,
+            stats,
+        })
     });
     (out, stats)
 }
 
-/// The backward over a block of rows: what [`norm_backward`] hands each thread.
-struct RowsBackward<'a, T> {
+/// The backward over one thread's block of rows (compiled wide by [`run_wide`]): writes `dx`
+/// of rows `r0..` (whole rows) and adds their shares of `dweight` and `dbias` into `dw` and
+/// `db` (empty unless wanted).
+struct RowsBackward<'a, 'b, T> {
     x: &'a [T],
     g: &'a [T],
     n: usize,
     w: &'a [T],
     stats: &'a [(f64, f64)],
     rms: bool,
-    need_w: bool,
-    need_b: bool,
+    r0: usize,
+    dx: &'b mut [T],
+    dw: Vec<f64>,
+    db: Vec<f64>,
 }
 
-impl<T: Float> RowsBackward<'_, T> {
-    /// Writes `dx` of rows `r0..` (whole rows) and returns their shares of `dweight` and
-    /// `dbias` (empty unless wanted).
+impl<T: Float> WideKernel for RowsBackward<'_, '_, T> {
     #[inline(always)]
-    fn run(&self, r0: usize, dx: &mut [T]) -> (Vec<f64>, Vec<f64>) {
-        let n = self.n;
-        let mut dw = vec![0f64; if self.need_w { n } else { 0 }];
-        let mut db = vec![0f64; if self.need_b { n } else { 0 }];
+    fn run(&mut self) {
+        let (n, r0) = (self.n, self.r0);
+        let (dw, db) = (&mut self.dw, &mut self.db);
         let mut gw = vec![T::zero(); n];
         let inv_n = 1.0 / n as f64;
-        for (k, dx) in dx.chunks_mut(n).enumerate() {
+        for (k, dx) in self.dx.chunks_mut(n).enumerate() {
             let r = r0 + k;
             let (x, g) = (&self.x[r * n..(r + 1) * n], &self.g[r * n..(r + 1) * n]);
             let (mean, rstd) = self.stats[r];
@@ -282,7 +225,6 @@ impl<T: Float> RowsBackward<'_, T> {
                 *dx = T::from_f64(rstd * (h.to_f64() - mg - xh(x) * mgx));
             }
         }
-        (dw, db)
     }
 }
 
@@ -312,25 +254,21 @@ fn norm_backward<T: Float>(
             &ones[..]
         }
     };
-    let rows_fn = RowsBackward {
-        x,
-        g,
-        n,
-        w,
-        stats,
-        rms,
-        need_w,
-        need_b,
-    };
     let partials = par_rows(n, &mut dx, &mut unit, |r0, dx, _| {
-        match wide_level() {
-            // SAFETY (both): `wide_level` checked that the CPU has these features.
-            #[cfg(target_arch = "x86_64")]
-            2 => unsafe { wide::backward_avx512(&rows_fn, r0, dx) },
-            #[cfg(target_arch = "x86_64")]
-            1 => unsafe { wide::backward_avx2(&rows_fn, r0, dx) },
-            _ => rows_fn.run(r0, dx),
-        }
+        let mut rows = RowsBackward {
+            x,
+            g,
+            n,
+            w,
+            stats,
+            rms,
+            r0,
+            dx,
+            dw: vec![0f64; if need_w { n } else { 0 }],
+            db: vec![0f64; if need_b { n } else { 0 }],
+        };
+        run_wide(&mut rows);
+        (rows.dw, rows.db)
     });
     let mut dw = vec![0f64; if need_w { n } else { 0 }];
     let mut db = vec![0f64; if need_b { n } else { 0 }];
