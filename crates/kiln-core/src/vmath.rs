@@ -124,8 +124,14 @@ pub trait WideKernel {
 /// Runs `kernel` compiled for AVX-512F, else AVX2 + FMA, as [`isa`] chooses (portable code
 /// otherwise).
 pub fn run_wide<K: WideKernel>(kernel: &mut K) {
-    match isa() {
-        // SAFETY: `isa` only chooses a path the CPU supports.
+    run_wide_on(isa(), kernel)
+}
+
+/// [`run_wide`] on path `isa` (clamped to what the CPU supports).
+fn run_wide_on<K: WideKernel>(isa: Isa, kernel: &mut K) {
+    match isa.min(best_isa()) {
+        // SAFETY: the CPU supports the features these functions are compiled for (checked by
+        // `best_isa` just above).
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { x86::run_wide_avx512(kernel) },
         #[cfg(target_arch = "x86_64")]
@@ -1764,6 +1770,33 @@ mod tests {
                     isa.name()
                 );
             }
+        }
+    }
+
+    /// A wide kernel runs once, in place, with the same result on every path.
+    #[test]
+    fn wide_kernels_run_once_on_every_path() {
+        struct Scale<'a> {
+            xs: &'a mut [f32],
+            calls: usize,
+        }
+        impl WideKernel for Scale<'_> {
+            #[inline(always)]
+            fn run(&mut self) {
+                self.calls += 1;
+                self.xs.iter_mut().for_each(|x| *x = *x * 3.0 + 1.0);
+            }
+        }
+        let want: Vec<f32> = (0..37).map(|i| i as f32 * 3.0 + 1.0).collect();
+        for isa in available_isas() {
+            let mut xs: Vec<f32> = (0..37).map(|i| i as f32).collect();
+            let mut k = Scale {
+                xs: &mut xs,
+                calls: 0,
+            };
+            run_wide_on(isa, &mut k);
+            assert_eq!(k.calls, 1, "{}", isa.name());
+            assert_eq!(xs, want, "{}", isa.name());
         }
     }
 
