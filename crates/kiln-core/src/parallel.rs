@@ -188,15 +188,42 @@ pub fn for_chunk_pairs<A: Send, B: Send>(
 /// Splits `out` into chunks and runs `f(chunk_start, chunk)` on each, in parallel when `out`
 /// is at least `PARALLEL_THRESHOLD` long and more than one thread is allowed.
 pub fn for_each_chunk<T: Send>(out: &mut [T], f: impl Fn(usize, &mut [T]) + Sync) {
-    let n = out.len();
+    let (chunk, par) = elementwise_chunks(out.len());
+    for_chunks(out, chunk, par, |i, c| f(i * chunk, c));
+}
+
+/// [`for_each_chunk`] over two outputs of the same length, cut at the same places:
+/// `f(chunk_start, chunk_of_a, chunk_of_b)`.
+///
+/// # Panics
+/// If the lengths differ.
+pub fn for_each_chunk_pair<A: Send, B: Send>(
+    a: &mut [A],
+    b: &mut [B],
+    f: impl Fn(usize, &mut [A], &mut [B]) + Sync,
+) {
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "for_each_chunk_pair: outputs of {} and {} elements",
+        a.len(),
+        b.len()
+    );
+    let (chunk, par) = elementwise_chunks(a.len());
+    for_chunk_pairs(a, chunk, b, chunk, par, |i, a, b| f(i * chunk, a, b));
+}
+
+/// Chunk length (a multiple of 64, about four chunks per thread) and whether to run in
+/// parallel, for an elementwise job over `n` elements.
+fn elementwise_chunks(n: usize) -> (usize, bool) {
     let threads = num_threads();
     let par = n >= PARALLEL_THRESHOLD && threads > 1;
     let chunk = if par {
         (n.div_ceil(threads * 4)).div_ceil(64) * 64
     } else {
-        n
+        n.max(1)
     };
-    for_chunks(out, chunk, par, |i, c| f(i * chunk, c));
+    (chunk, par)
 }
 
 /// Splits `out` into one nearly equal part per thread ([`num_threads`] of them, each a

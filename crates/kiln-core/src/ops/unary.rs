@@ -268,15 +268,7 @@ fn gelu_keeping_derivative(t: &Tensor) -> Tensor {
     let src = &crate::typed_slice!(xs, f32, "gelu")[x.layout().contiguous_range().unwrap()];
     let n = src.len();
     let (mut y, mut d) = (Buffer::<f32>::uninit(n), Buffer::<f32>::uninit(n));
-    let threads = crate::parallel::num_threads();
-    let par = n >= crate::parallel::PARALLEL_THRESHOLD && threads > 1;
-    let chunk = if par {
-        n.div_ceil(threads * 4).div_ceil(64) * 64
-    } else {
-        n.max(1)
-    };
-    crate::parallel::for_chunk_pairs(&mut y, chunk, &mut d, chunk, par, |i, y, d| {
-        let start = i * chunk;
+    crate::parallel::for_each_chunk_pair(&mut y, &mut d, |start, y, d| {
         vmath::gelu_erf_with_grad(&src[start..start + y.len()], y, d);
     });
     drop(xs);
@@ -882,6 +874,9 @@ mod tests {
         for ((got, want), g) in got.iter().zip(&want).zip(g.to_vec::<f32>()) {
             assert_eq!(*got, want * g);
         }
+        let empty = Tensor::zeros([0, 3]).requires_grad();
+        empty.gelu().sum_all().backward();
+        assert_eq!(empty.grad().unwrap().dims(), &[0, 3]);
     }
 
     /// A leaf of `shape` with standard-normal values moved at least `gap` away from 0.
